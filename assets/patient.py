@@ -185,5 +185,7 @@ class Patient:
 
     def __repr__(self) -> str:
         sp = ", ".join(f"{s:.2f}" for s in self.spacing_mm)
-        return (f"Patient({self.name!r}, shape={self.shape}, spacing_mm=({sp}), "
-                f"structures={len(self._present_ids)})")
+        return (
+            f"Patient({self.name!r}, shape={self.shape}, spacing_mm=({sp}), "
+            f"structures={len(self._present_ids)})"
+        )

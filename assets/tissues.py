@@ -24,8 +24,8 @@ import numpy as np
 SOURCES = {
     "NIST": "NIST XCOM / X-Ray Mass Attenuation Coefficients (Hubbell & Seltzer)",
     "DeepDRR": "DeepDRR HU-to-density fit and material thresholds (Unberath et al. 2018)",
-    "Diag2023": "Diagnostics 2023;13:855, Table 4 (acoustic properties of tissues)",
-    "Sens2023": "Sensors 2023;23:5942, Table A2 (acoustic properties of tissues)",
+    "D23": "Diagnostics 2023;13:855, Table 4 (acoustic properties of tissues)",
+    "S23": "Sensors 2023;23:5942, Table A2 (acoustic properties of tissues)",
     "Goss": "Goss, Johnston & Dunn 1978/1980 and Mast 2000, as compiled in "
     "Mech. Mater. 2012, Table 3",
     "ICRU46": "ICRU Report 46 (1992): tissue densities",
@@ -75,22 +75,22 @@ class Tissue:
 
 # fmt: off
 TISSUES: tuple[Tissue, ...] = (
-    #      name               HU     HU range           rho    X-ray          c      Z       alpha  echo  source
-    Tissue("air",            -1000, (-1024.0, -900.0), 0.0012, "air",         331.0, 0.0004, 7.5,   0.00, "Diag2023"),
-    Tissue("lung",            -850, (-950.0, -650.0),  0.26,   "air",         650.0, 0.30,   40.0,  0.60, "Diag2023; Sens2023 (approx.)"),  # noqa: E501
-    Tissue("fat",             -100, (-150.0, -50.0),   0.95,   "soft_tissue", 1450.0, 1.38,  0.6,   0.35, "Diag2023; Goss"),
-    Tissue("water",              0, (-10.0, 20.0),     1.00,   "soft_tissue", 1480.0, 1.48,  0.002, 0.00, "Diag2023"),
-    Tissue("fluid",             10, (0.0, 25.0),       1.01,   "soft_tissue", 1500.0, 1.52,  0.05,  0.02, "Diag2023 (bile, urine ~ water)"),  # noqa: E501
-    Tissue("blood",             40, (30.0, 55.0),      1.06,   "soft_tissue", 1584.0, 1.68,  0.18,  0.03, "Diag2023; Goss"),
-    Tissue("soft_tissue",       40, (-30.0, 100.0),    1.03,   "soft_tissue", 1540.0, 1.63,  0.7,   0.45, "Diag2023"),
-    Tissue("skin",              30, (0.0, 80.0),       1.09,   "soft_tissue", 1650.0, 1.80,  0.35,  0.80, "Sens2023; Diag2023"),
-    Tissue("muscle",            45, (30.0, 60.0),      1.05,   "soft_tissue", 1580.0, 1.70,  1.0,   0.40, "Diag2023; Goss"),
-    Tissue("liver",             60, (45.0, 75.0),      1.06,   "soft_tissue", 1570.0, 1.65,  0.5,   0.60, "Diag2023; Goss"),
-    Tissue("spleen",            50, (40.0, 65.0),      1.05,   "soft_tissue", 1567.0, 1.65,  0.5,   0.65, "Goss (approx., like liver)"),  # noqa: E501
-    Tissue("kidney",            35, (25.0, 50.0),      1.05,   "soft_tissue", 1560.0, 1.64,  1.0,   0.40, "Diag2023; Goss"),
-    Tissue("stomach",           25, (0.0, 50.0),       1.03,   "soft_tissue", 1540.0, 1.60,  0.6,   0.30, "Diag2023 (soft tissue wall and contents)"),  # noqa: E501
-    Tissue("cancellous_bone",  300, (200.0, 400.0),    1.18,   "soft_tissue", 2500.0, 4.5,   10.0,  0.90, "Sens2023 (approx.)"),
-    Tissue("cortical_bone",   1100, (700.0, 1500.0),   1.85,   "bone",        3500.0, 7.0,   15.0,  1.00, "Diag2023; Sens2023"),
+    # name, HU, HU range, rho, X-ray class, c, Z, alpha, echogenicity, source keys
+    Tissue("air", -1000, (-1024, -900), 0.0012, "air", 331, 0.0004, 7.5, 0.00, "D23"),
+    Tissue("lung", -850, (-950, -650), 0.26, "air", 650, 0.30, 40.0, 0.60, "D23; S23 (approx.)"),
+    Tissue("fat", -100, (-150, -50), 0.95, "soft_tissue", 1450, 1.38, 0.6, 0.35, "D23; Goss"),
+    Tissue("water", 0, (-10, 20), 1.00, "soft_tissue", 1480, 1.48, 0.002, 0.00, "D23"),
+    Tissue("fluid", 10, (0, 25), 1.01, "soft_tissue", 1500, 1.52, 0.05, 0.02, "D23 (~water)"),
+    Tissue("blood", 40, (30, 55), 1.06, "soft_tissue", 1584, 1.68, 0.18, 0.03, "D23; Goss"),
+    Tissue("soft_tissue", 40, (-30, 100), 1.03, "soft_tissue", 1540, 1.63, 0.7, 0.45, "D23"),
+    Tissue("skin", 30, (0, 80), 1.09, "soft_tissue", 1650, 1.80, 0.35, 0.80, "S23; D23"),
+    Tissue("muscle", 45, (30, 60), 1.05, "soft_tissue", 1580, 1.70, 1.0, 0.40, "D23; Goss"),
+    Tissue("liver", 60, (45, 75), 1.06, "soft_tissue", 1570, 1.65, 0.5, 0.60, "D23; Goss"),
+    Tissue("spleen", 50, (40, 65), 1.05, "soft_tissue", 1567, 1.65, 0.5, 0.65, "Goss (~liver)"),
+    Tissue("kidney", 35, (25, 50), 1.05, "soft_tissue", 1560, 1.64, 1.0, 0.40, "D23; Goss"),
+    Tissue("stomach", 25, (0, 50), 1.03, "soft_tissue", 1540, 1.60, 0.6, 0.30, "D23 (wall)"),
+    Tissue("cancellous_bone", 300, (200, 400), 1.18, "soft_tissue", 2500, 4.5, 10.0, 0.9, "S23"),
+    Tissue("cortical_bone", 1100, (700, 1500), 1.85, "bone", 3500, 7.0, 15.0, 1.0, "D23; S23"),
 )
 # fmt: on
 
@@ -111,8 +111,14 @@ def tissue_property(field: str) -> np.ndarray:
     Args:
         field: A numeric field of :class:`Tissue`, e.g. ``"impedance_mrayl"``.
     """
-    allowed = ("hu_mean", "density_g_cm3", "speed_m_s", "impedance_mrayl",
-               "attenuation_db_cm_mhz", "echogenicity")
+    allowed = (
+        "hu_mean",
+        "density_g_cm3",
+        "speed_m_s",
+        "impedance_mrayl",
+        "attenuation_db_cm_mhz",
+        "echogenicity",
+    )
     if field not in allowed:
         raise ValueError(f"tissue property {field!r} is not numeric; allowed: {allowed}")
     return np.array([getattr(t, field) for t in TISSUES], dtype=np.float32)
@@ -130,8 +136,10 @@ _STRUCTURE_TISSUE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"^(gallbladder|urinary_bladder)$", "fluid"),
     (r"^heart", "blood"),
     (r"aorta|vena_cava|artery|vein|atrial_appendage|^brachiocephalic_trunk$", "blood"),
-    (r"^(vertebrae_|rib_|sternum|sacrum|hip_|scapula_|clavicula_|humerus_|femur_|skull|costal_cartilages)",
-     "cortical_bone"),
+    (
+        r"^(vertebrae_|rib_|sternum|sacrum|hip_|scapula_|clavicula_|humerus_|femur_|skull|costal_cartilages)",
+        "cortical_bone",
+    ),
     (r"^(autochthon_|iliopsoas_|gluteus_|muscle)", "muscle"),
     (r"^skin$", "skin"),
     (r"^(subcutaneous_fat|fat)$", "fat"),
