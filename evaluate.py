@@ -1,39 +1,365 @@
-"""Batch, headless evaluation of agents on sonoray environments.
+"""Evaluate agents on sonoray environments, headless and in batch.
 
-Not ready yet: the environments and agents it evaluates are still being built.
-Until then, ``python -m sonoray.envs.preview`` builds a phantom and the scene and
-writes pictures of them.
+    python evaluate.py                       # every env, scripted and random agents
+    python evaluate.py --env sonoray/XRayPositioning-v0 --task chest_ap --episodes 50
+    python evaluate.py --shard 0/4 --out run/0   # ... shards 1-3 elsewhere, then:
+    python evaluate.py --merge run/0 run/1 run/2 run/3 --out run/all
+    python evaluate.py --baseline benchmarks/baseline_scripted.yaml   # exit 1 on regression
+
+Writes ``episodes.jsonl`` (one record per episode, appended as each ends),
+``summary.json`` (provenance and per env/task/agent results) and ``report.html``.
+Exit status: 0 ok, 1 a success rate fell below the baseline, 2 bad usage.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import platform
+import subprocess
 import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from sonoray.agents import evaluation as ev
+from sonoray.agents.report import text_table, write_report
+from sonoray.agents.statistics import check_baseline, load_baseline, summarize
+
+DEFAULT_EPISODES = 3
+DEFAULT_IMAGE_SIZE = 64
+DEFAULT_OUT = "eval_out"
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit status 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Evaluate agents on sonoray environments (not ready yet: "
-        "the environments and agents are still being built).",
+    p = argparse.ArgumentParser(
+        description="Batch, headless evaluation of agents on sonoray environments.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--env", nargs="+", default=["all"], help="environment ids, or 'all'")
-    parser.add_argument("--agent", default="scripted", help="scripted, random, or a policy path")
-    parser.add_argument("--episodes", type=int, default=10, help="episodes per env, task, agent")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of the episode seeds")
-    parser.add_argument("--out", default="eval_out", help="output folder")
-    return parser
+    p.add_argument(
+        "--env",
+        nargs="+",
+        default=["all"],
+        metavar="ID",
+        help="environment ids, or 'all' for every registered one",
+    )
+    p.add_argument(
+        "--task",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="task names (default: every task of each env)",
+    )
+    p.add_argument(
+        "--agent",
+        nargs="+",
+        default=["scripted", "random"],
+        metavar="AGENT",
+        help="'scripted' (the env's oracle), 'random', or a saved policy file",
+    )
+    p.add_argument(
+        "--episodes", type=int, default=DEFAULT_EPISODES, help="episodes per (env, task, agent)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed; each episode's seed derives from it, the env, task and index",
+    )
+    p.add_argument(
+        "--ct",
+        default=None,
+        metavar="PATH",
+        help="a real CT (NIfTI file or DICOM folder) instead of the phantom pool",
+    )
+    p.add_argument(
+        "--labels",
+        default=None,
+        metavar="PATH",
+        help="label volume for --ct (TotalSegmentator naming)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULT_IMAGE_SIZE,
+        help="observation image height and width (pixels)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="torch device of the sensors; auto = cuda when available",
+    )
+    p.add_argument(
+        "--n-envs", type=int, default=1, help="worker processes; changes speed, never results"
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder")
+    p.add_argument(
+        "--video",
+        type=int,
+        default=0,
+        metavar="N",
+        help="record the first N episodes of each (env, task, agent) as MP4",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="FILE",
+        help="YAML/JSON of minimum success rates; exit 1 when one is not met",
+    )
+    p.add_argument(
+        "--shard",
+        default="0/1",
+        metavar="i/N",
+        help="run only the episodes whose index is i modulo N",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="skip episodes already recorded in the output folder"
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="merge the episodes of these output folders into --out (no episodes run)",
+    )
+    p.add_argument(
+        "--trusted",
+        action="store_true",
+        help="allow policy files whose loading unpickles code (stable-baselines3 zips)",
+    )
+    return p
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected i/N with integers, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text!r}: need N >= 1 and 0 <= i < N")
+    return i, n
+
+
+def _resolve_envs(names: list[str]) -> tuple[str, ...]:
+    from sonoray.envs import ENV_IDS
+
+    if names == ["all"]:
+        return ENV_IDS
+    unknown = [n for n in names if n not in ENV_IDS]
+    if unknown:
+        raise UsageError(f"unknown env id(s) {unknown}; allowed: {list(ENV_IDS)} or 'all'")
+    return tuple(names)
+
+
+def _resolve_tasks(env_ids: tuple[str, ...], tasks: list[str] | None) -> dict[str, tuple]:
+    out = {}
+    for env_id in env_ids:
+        known = ev.task_names(env_id)
+        if tasks is None:
+            out[env_id] = known
+            continue
+        chosen = tuple(t for t in tasks if t in known)
+        if not chosen:
+            raise UsageError(f"none of the tasks {tasks} belongs to {env_id}; its tasks: {known}")
+        out[env_id] = chosen
+    unused = set(tasks or ()) - {t for ts in out.values() for t in ts}
+    if unused:
+        raise UsageError(
+            f"unknown task(s) {sorted(unused)}; tasks per env: "
+            f"{ {e: list(ev.task_names(e)) for e in env_ids} }"
+        )
+    return out
+
+
+def _check_agents(agents: list[str]) -> tuple[str, ...]:
+    for a in agents:
+        if a not in ev.BUILTIN_AGENTS and not Path(a).is_file():
+            raise UsageError(
+                f"agent {a!r} is neither one of {ev.BUILTIN_AGENTS} nor an existing policy file"
+            )
+    return tuple(agents)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda: no CUDA device is available (install a CUDA build of "
+            "torch, or use --device cpu)"
+        )
+    return name
+
+
+def provenance(argv: list[str], device: str) -> dict:
+    """Where and how a run was made: versions, device, commit, command line, start time."""
+    versions = {}
+    for pkg in ("sonoray", "torch", "numpy", "pybullet", "gymnasium", "stable-baselines3"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        commit = None
+    return {
+        "versions": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "git_commit": commit,
+        "command_line": " ".join(["evaluate.py", *argv]),
+        "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def finish(out_dir: Path, records: list[dict], prov: dict, baseline: str | None) -> int:
+    """Write summary and report, print the table and paths, apply the baseline gate."""
+    records = sorted(records, key=ev.record_key)
+    results = summarize(records)
+    summary = {"provenance": prov, "results": results}
+    (out_dir / ev.SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    report = write_report(out_dir, records, results, prov)
+    print(text_table(results))
+    print(f"episodes: {out_dir / ev.EPISODES_FILE}")
+    print(f"summary:  {out_dir / ev.SUMMARY_FILE}")
+    print(f"report:   {report}")
+    if baseline is None:
+        return 0
+    regressions = check_baseline(results, load_baseline(baseline))
+    for message in regressions:
+        print(f"REGRESSION {message}", file=sys.stderr)
+    return 1 if regressions else 0
+
+
+def merge(dirs: list[str], out_dir: Path, argv: list[str], baseline: str | None) -> int:
+    """Merge the episodes of several output folders (e.g. shards) into ``out_dir``."""
+    by_key: dict = {}
+    for d in dirs:
+        path = Path(d) / ev.EPISODES_FILE
+        if not path.is_file():
+            raise UsageError(f"--merge: {d!r} has no {ev.EPISODES_FILE}")
+        for r in ev.read_records(path):
+            by_key.setdefault(ev.record_key(r), r)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = sorted(by_key.values(), key=ev.record_key)
+    with (out_dir / ev.EPISODES_FILE).open("w") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+    for d in dirs:  # bring the images along so the report can show them
+        for r in records:
+            src = Path(d) / r["image"]
+            dst = out_dir / r["image"]
+            if src.is_file() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(src.read_bytes())
+    return finish(out_dir, records, provenance(argv, "n/a (merge)"), baseline)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    shard = _parse_shard(args.shard)
+    for name in ("episodes", "n_envs", "image_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
+    if args.video < 0:
+        raise UsageError(f"--video must be >= 0, got {args.video}")
+    if args.labels and not args.ct:
+        raise UsageError("--labels needs --ct")
+    if args.ct and not Path(args.ct).exists():
+        raise UsageError(f"--ct {args.ct!r} does not exist")
+    if args.baseline:
+        try:
+            load_baseline(args.baseline)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    env_ids = _resolve_envs(args.env)
+    tasks = _resolve_tasks(env_ids, args.task)
+    agents = _check_agents(args.agent)
+    device = _device(args.device)
+
+    env_kwargs = {"image_size": args.image_size, "device": device}
+    if args.ct:
+        env_kwargs["ct"] = args.ct
+        if args.labels:
+            env_kwargs["labels"] = args.labels
+    config = ev.EvalConfig(
+        env_ids=env_ids,
+        tasks=tasks,
+        agents=agents,
+        episodes=args.episodes,
+        seed=args.seed,
+        env_kwargs=env_kwargs,
+        n_envs=args.n_envs,
+        shard=shard,
+        video=args.video,
+        trusted=args.trusted,
+    )
+    out_dir = Path(args.out)
+    episodes_path = out_dir / ev.EPISODES_FILE
+    if episodes_path.exists() and not args.resume:
+        raise UsageError(
+            f"{str(episodes_path)!r} exists: pass --resume to continue that run, "
+            "or choose another --out"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    done = ev.read_records(episodes_path)
+    if done:  # rewrite without a torn last line before appending
+        episodes_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
+    jobs = ev.plan_jobs(config)
+    todo = list(ev.pending_jobs(jobs, done))
+    records = [r for r in done if ev.record_key(r) in {j.key for j in jobs}]
+
+    from tqdm import tqdm
+
+    with tqdm(
+        total=len(jobs),
+        initial=len(jobs) - len(todo),
+        unit="episode",
+        desc="evaluate",
+        file=sys.stderr,
+    ) as bar:
+
+        def on_record(record: dict) -> None:
+            ev.append_record(episodes_path, record)
+            records.append(record)
+            bar.update(1)
+
+        ev.run_jobs(todo, config, out_dir, on_record)
+    return finish(out_dir, records, provenance(argv, device), args.baseline)
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print(
-        "evaluate.py is not ready yet: the X-ray and ultrasound environments it evaluates "
-        "are still being built. Run `python -m sonoray.envs.preview --out preview` to build "
-        "a phantom and the scene and write pictures of them.",
-        file=sys.stderr,
-    )
-    return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.merge:
+            return merge(args.merge, Path(args.out), argv, args.baseline)
+        return run(args, argv)
+    except UsageError as exc:
+        print(f"evaluate.py: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""Policies saved as data: weights plus a JSON config, loaded without unpickling.
+
+A sonoray policy file is a zip holding ``config.json`` (algorithm, policy keyword
+arguments, the spaces it was trained on) and ``weights.npz`` (the policy's
+state dict as plain arrays, read with ``allow_pickle=False``). Nothing in it can
+run code when loaded.
+
+stable-baselines3's own zips carry cloudpickled objects (spaces, schedules,
+keyword arguments); unpickling them runs whatever code they name. They load only
+with ``trusted=True``; otherwise :class:`UnsafeCheckpointError` is raised before
+anything is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+FORMAT = "sonoray-policy"
+FORMAT_VERSION = 1
+ALGORITHMS = ("ppo", "sac")
+_ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "elu": torch.nn.ELU}
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint would run pickled code on loading and was not marked trusted."""
+
+
+def _describe_space(space: gym.Space) -> dict:
+    if isinstance(space, gym.spaces.Dict):
+        return {"type": "Dict", "spaces": {k: _describe_space(s) for k, s in space.spaces.items()}}
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "Box", "shape": list(space.shape), "dtype": str(space.dtype)}
+    raise ValueError(f"unsupported space {space!r}; allowed: Box and Dict of Box")
+
+
+def save_policy(model: Any, path: str | Path, *, env_id: str, task: str, extra: dict | None = None):
+    """Save a stable-baselines3 model's policy as a sonoray policy file.
+
+    Args:
+        model: A trained ``PPO`` or ``SAC`` model.
+        path: Output file (``.zip`` by convention).
+        env_id: The environment id it was trained on.
+        task: The task name it was trained on.
+        extra: JSON-serialisable notes kept in the config (training steps, results).
+    """
+    algo = type(model).__name__.lower()
+    if algo not in ALGORITHMS:
+        raise ValueError(f"cannot save a {type(model).__name__}; allowed: {ALGORITHMS}")
+    kwargs = dict(model.policy_kwargs or {})
+    act = kwargs.pop("activation_fn", None)
+    config = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "algo": algo,
+        "env_id": env_id,
+        "task": task,
+        "policy_kwargs": kwargs,
+        "activation": None if act is None else act.__name__.lower(),
+        "observation_space": _describe_space(model.observation_space),
+        "action_space": _describe_space(model.action_space),
+        "extra": extra or {},
+    }
+    arrays = {k: v.detach().cpu().numpy() for k, v in model.policy.state_dict().items()}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("config.json", json.dumps(config, indent=2, sort_keys=True))
+        z.writestr("weights.npz", buf.getvalue())
+
+
+def read_policy_config(path: str | Path) -> dict:
+    """The JSON config of a sonoray policy file (raises if it is not one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"policy file {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise UnsafeCheckpointError(
+            f"{str(path)!r} is not a sonoray policy (a zip of config.json and weights.npz); "
+            "other checkpoint formats may carry pickled code and are not loaded"
+        )
+    with zipfile.ZipFile(path) as z:
+        names = set(z.namelist())
+        if {"config.json", "weights.npz"} <= names:
+            config = json.loads(z.read("config.json"))
+            if config.get("format") != FORMAT:
+                raise ValueError(f"{str(path)!r}: config format {config.get('format')!r}")
+            return config
+        if {"data", "policy.pth"} <= names:
+            raise UnsafeCheckpointError(
+                f"{str(path)!r} is a stable-baselines3 zip, which holds cloudpickled objects "
+                "that run code when loaded; load it only if you trust its origin (--trusted)"
+            )
+    raise ValueError(
+        f"{str(path)!r}: zip holds {sorted(names)}, expected config.json + weights.npz"
+    )
+
+
+def _build_policy(config: dict, env: gym.Env) -> Any:
+    if config["algo"] not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {config['algo']!r}; allowed: {ALGORITHMS}")
+    for which, space in (("observation", env.observation_space), ("action", env.action_space)):
+        if _describe_space(space) != config[f"{which}_space"]:
+            raise ValueError(
+                f"policy was trained on {which} space {config[f'{which}_space']}, "
+                f"but the env has {_describe_space(space)} (check image_size and the env id)"
+            )
+    kwargs = dict(config["policy_kwargs"])
+    if config.get("activation"):
+        kwargs["activation_fn"] = _ACTIVATIONS[config["activation"]]
+    if config["algo"] == "ppo":
+        from stable_baselines3.common.policies import MultiInputActorCriticPolicy as Policy
+    else:
+        from stable_baselines3.sac.policies import MultiInputPolicy as Policy
+    return Policy(env.observation_space, env.action_space, lambda _: 0.0, **kwargs)
+
+
+class PolicyAgent:
+    """A saved policy acting deterministically."""
+
+    def __init__(self, policy: Any, name: str) -> None:
+        self.policy = policy
+        self.name = name
+
+    def reset(self, env: gym.Env, seed: int | None = None) -> None:
+        pass
+
+    def act(self, observation: Any, env: gym.Env) -> np.ndarray:
+        action, _ = self.policy.predict(observation, deterministic=True)
+        return action
+
+
+def load_policy(path: str | Path, env: gym.Env, *, trusted: bool = False, device: str = "cpu"):
+    """Load a policy as an agent for ``env``.
+
+    Sonoray policy files load as data. stable-baselines3 zips load only with
+    ``trusted=True``, because loading them unpickles code.
+
+    Raises:
+        UnsafeCheckpointError: for a file that would unpickle code, unless trusted.
+        ValueError: for a missing or malformed file, or one trained on other spaces.
+    """
+    path = Path(path)
+    try:
+        config = read_policy_config(path)
+    except UnsafeCheckpointError:
+        if not trusted:
+            raise
+        return _load_trusted_sb3(path, device)
+    policy = _build_policy(config, env)
+    with (
+        zipfile.ZipFile(path) as z,
+        np.load(io.BytesIO(z.read("weights.npz")), allow_pickle=False) as npz,
+    ):
+        state = {k: torch.from_numpy(npz[k]) for k in npz.files}
+    policy.load_state_dict(state)
+    policy.set_training_mode(False)
+    return PolicyAgent(policy.to(device), name=str(path))
+
+
+def _load_trusted_sb3(path: Path, device: str) -> PolicyAgent:
+    from stable_baselines3 import PPO, SAC
+
+    errors = []
+    for algo in (PPO, SAC):
+        try:
+            model = algo.load(path, device=device)
+            return PolicyAgent(model.policy, name=str(path))
+        except Exception as exc:  # noqa: BLE001  (report why neither algorithm loads it)
+            errors.append(f"{algo.__name__}: {exc}")
+    raise ValueError(f"{str(path)!r} did not load as PPO or SAC: {errors}")
