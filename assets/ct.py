@@ -269,8 +269,11 @@ def _load_nifti(path: Path, what: str) -> nib.Nifti1Image:
         raise ValueError(f"{what} {str(path)!r} is not a readable NIfTI file: {err}") from err
     header = img.header
     if header["sform_code"] == 0:
-        # The affine then comes from pixdim; nibabel would silently take their absolute value.
-        pixdim = header["pixdim"][1:4]
+        # The affine then comes from pixdim, which nibabel silently replaces by its absolute
+        # value on load: look at the header as written.
+        with nib.openers.ImageOpener(path) as f:
+            written = type(header).from_fileobj(f, check=False)
+        pixdim = written["pixdim"][1:4]
         if not np.all(pixdim > 0):
             raise ValueError(
                 f"{what} {str(path)!r}: voxel size pixdim[1:4] = {pixdim.tolist()}; "
@@ -348,8 +351,11 @@ def _csv_pairs(path: Path, where: str) -> list[tuple[str, str]]:
 def _target_spacing(spacing_mm) -> np.ndarray | None:
     if spacing_mm is None:
         return None
-    target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,)).copy()
-    if np.size(spacing_mm) not in (1, 3) or not np.all(np.isfinite(target) & (target > 0)):
+    try:
+        target = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,)).copy()
+    except (TypeError, ValueError):
+        target = np.full(3, np.nan)
+    if not np.all(np.isfinite(target) & (target > 0)):
         raise ValueError(
             f"spacing_mm must be a positive number or three positive numbers, got {spacing_mm!r}"
         )
