@@ -33,7 +33,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations
-from scipy import ndimage
 
 from sonoray.assets import tissues
 from sonoray.assets.body_mask import body_mask_from_hu
@@ -226,14 +225,45 @@ def resample_to_spacing(
     scale = target_mm / old_mm
     shape = tuple(int(n) for n in np.maximum(1, np.round(np.array(hu.shape) / scale)))
 
-    # Voxel centre i' of the new grid sits at old index (i' + 1/2) scale - 1/2.
+    # Voxel centre i' of the new grid sits at old index (i' + 1/2) scale - 1/2; the grid is
+    # axis-aligned with the old one, so trilinear = linear along each axis in turn.
     offset = 0.5 * scale - 0.5
-    hu_new = ndimage.affine_transform(hu, scale, offset, shape, order=1, mode="nearest")
-    labels_new = ndimage.affine_transform(labels, scale, offset, shape, order=0, mode="nearest")
+    # Gathers along the axis that is fastest in memory are slow: do that one last, on the
+    # smallest array; the other two in order of shrinkage.
+    fastest = int(np.argmin(np.abs(hu.strides)))
+    order = sorted((a for a in range(3) if a != fastest), key=lambda a: -scale[a]) + [fastest]
+    hu_new, labels_new = hu, labels
+    for axis in order:
+        old_index = np.clip(np.arange(shape[axis]) * scale[axis] + offset[axis], 0, None)
+        old_index = np.minimum(old_index, hu.shape[axis] - 1)
+        hu_new = _linear_along(hu_new, old_index, axis)
+        nearest = np.minimum(np.floor(old_index + 0.5).astype(np.intp), hu.shape[axis] - 1)
+        labels_new = _take(labels_new, nearest, axis)
     new_affine = affine.copy()
     new_affine[:3, :3] = affine[:3, :3] * scale
     new_affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
     return hu_new, labels_new, new_affine
+
+
+def _linear_along(data: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """Linear interpolation of ``data`` at fractional ``index`` (within range) along ``axis``."""
+    if data.flags.f_contiguous and not data.flags.c_contiguous:
+        # np.take writes C order: work on the C-ordered transpose to avoid a transposing copy.
+        return _linear_along(data.T, index, data.ndim - 1 - axis).T
+    low = np.floor(index).astype(np.intp)
+    high = np.minimum(low + 1, data.shape[axis] - 1)
+    shape = [1, 1, 1]
+    shape[axis] = len(index)
+    weight = (index - low).astype(np.float32).reshape(shape)
+    below = np.take(data, low, axis=axis)
+    return below + weight * (np.take(data, high, axis=axis) - below)
+
+
+def _take(data: np.ndarray, index: np.ndarray, axis: int) -> np.ndarray:
+    """``np.take`` that keeps a Fortran-ordered array Fortran-ordered (no transposing copy)."""
+    if data.flags.f_contiguous and not data.flags.c_contiguous:
+        return np.take(data.T, index, axis=data.ndim - 1 - axis).T
+    return np.take(data, index, axis=axis)
 
 
 # ----- reading ---------------------------------------------------------------------------
