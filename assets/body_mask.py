@@ -3,22 +3,25 @@
 Threshold the CT numbers, detach thin objects (table shells, pads, sheets,
 blanket folds) with a morphological opening, keep the largest 3-D connected
 component, restore the body outline that the opening rounded off, and fill
-holes (lungs, bowel gas, airways) slice by slice. This is the usual
-threshold-and-morphology approach to table removal (Zhu, Cochoff & Sukalac,
-"Automatic patient table removal in CT images", J. Digit. Imaging 2012).
+holes (lungs, bowel gas, airways) slice by slice. Zhu, Cochoff & Sukalac
+("Automatic patient table removal in CT images", J. Digit. Imaging 2012) describe
+the problem and find the table with a Hough transform; thresholding and
+morphology alone, as here, need no model of the table's shape.
 
 Morphology runs in each axial slice with square structuring elements whose
 half-widths are given in millimetres and converted per axis, so that the result
 does not depend on the voxel size; the expensive connected-component step runs
 on a grid subsampled to about 2 mm.
 
-Limitations: anything thicker than the detach width that touches the body (a
-thick cushion above the threshold, a head holder, an arm resting on a dense
-support) stays attached; a sheet lying directly on the skin adds its own
-thickness to the mask where it is in contact; the largest component is assumed
-to be the patient (a scan whose table outweighs the body would fail); holes are
-filled only within axial slices, so an air pocket that opens to the outside in
-every slice (a mouth, a stoma) stays outside.
+Limitations: the table is found only where air or low-density foam (below the
+threshold, as mattresses and pads are) separates it from the body, or where it
+touches the body along a narrow line; where the back lies flat on a dense slab
+with nothing between them, the slab under the contact area stays in the mask
+(all of it when it is thicker than twice ``detach_mm``). A sheet lying on the
+skin adds its own thickness there. The largest component is assumed to be the
+patient (a scan whose table outweighs the body would fail). Holes are filled
+only within axial slices, so an air pocket that opens to the outside in every
+slice (a mouth, a stoma) stays outside.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ two-column ``id,name`` csv, a json ``{id: name}`` map or a mapping. Voxels
 without a label keep id 0 and are classified from HU by ``Patient.tissue_map``.
 The body mask comes from :func:`sonoray.assets.body_mask.body_mask_from_hu`.
 
+Arrays keep the file's memory order where that saves a copy (a NIfTI volume is
+Fortran-ordered, so ``hu.flags.c_contiguous`` may be false); take
+``np.ascontiguousarray`` where a C buffer is needed.
+
 Limitations: resampling is trilinear for HU and nearest for labels without an
 anti-aliasing filter, so downsampling by a large factor aliases fine detail
 (thin bones, vessel walls); a 4-D file is accepted only when its extra axes

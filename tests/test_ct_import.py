@@ -350,6 +350,11 @@ def test_nonexistent_path_and_unsupported_type(tmp_path):
         load_ct(tmp_path / "slice.dcm")
 
 
+def test_example_folder_without_ct_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no ct.nii.gz"):
+        load_example_ct(tmp_path)
+
+
 @pytest.mark.parametrize("shape", [(8, 8), (8, 8, 8, 2)])
 def test_ct_that_is_not_3d_is_refused(tmp_path, shape):
     path = _save_nifti(tmp_path / "ct.nii", np.zeros(shape, np.int16), np.eye(4))
