@@ -1,28 +1,108 @@
-"""Train positioning policies with stable-baselines3.
+"""Train a positioning policy on a sonoray environment with stable-baselines3.
 
-Not ready yet: the environments it trains on are still being built.
+    python train.py --env sonoray/XRayPositioning-v0 --task chest_ap --timesteps 200000
+    python train.py --env sonoray/UltrasoundNavigation-v0 --task liver_long_axis --algo sac
+    python train.py ... --resume runs/xray/checkpoints/policy_50000.zip
+
+Writes TensorBoard logs (including the success rate), periodic checkpoints and
+evaluations on held-out seeds, the resolved configuration and ``policy.zip``, a
+policy file that ``evaluate.py --agent`` loads without unpickling anything.
+GPU users: install a CUDA build of torch first; ``--device auto`` then uses it.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from pathlib import Path
+
+from sonoray.agents.training import DEFAULT_HYPERPARAMS, TrainConfig, load_hyperparams, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
-        description="Train agents on sonoray environments (not ready yet: the environments "
-        "are still being built).",
+    p = argparse.ArgumentParser(
+        description="Train a positioning policy with stable-baselines3.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--env", default="sonoray/XRayPositioning-v0", help="environment id")
+    p.add_argument("--task", default=None, help="task name (default: the env's default task)")
+    p.add_argument("--algo", default="ppo", help="ppo or sac")
+    p.add_argument("--timesteps", type=int, default=100_000, help="environment steps to train")
+    p.add_argument("--seed", type=int, default=0, help="seed of training envs and the model")
+    p.add_argument(
+        "--n-envs",
+        type=int,
+        default=None,
+        help="parallel envs (default: from the hyperparameter file)",
+    )
+    p.add_argument("--device", default="auto", help="torch device of the policy: auto, cpu, cuda")
+    p.add_argument("--out", default="runs/train", help="output folder")
+    p.add_argument(
+        "--hyperparams", default=str(DEFAULT_HYPERPARAMS), help="YAML of hyperparameters per env id"
+    )
+    p.add_argument(
+        "--preset", default=None, help="named env preset from the hyperparameter file (e.g. easy)"
+    )
+    p.add_argument(
+        "--bc-episodes",
+        type=int,
+        default=0,
+        help="warm start: behaviour cloning on this many scripted-oracle episodes",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from a policy file written by a previous run",
+    )
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print(
-        "train.py is not ready yet: the environments it trains on are still being built.",
-        file=sys.stderr,
-    )
-    return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        import sonoray.envs
+        from sonoray.agents.evaluation import task_names
+
+        if args.env not in sonoray.envs.ENV_IDS:
+            raise ValueError(f"unknown env id {args.env!r}; allowed: {list(sonoray.envs.ENV_IDS)}")
+        tasks = task_names(args.env)
+        task = args.task or tasks[0]
+        if task not in tasks:
+            raise ValueError(f"unknown task {task!r} for {args.env}; allowed: {list(tasks)}")
+        for name in ("timesteps",):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        if args.resume and not Path(args.resume).is_file():
+            raise ValueError(f"--resume {args.resume!r} does not exist")
+        hp = load_hyperparams(args.hyperparams, args.env, args.algo, args.preset)
+        config = TrainConfig(
+            env_id=args.env,
+            task=task,
+            algo=args.algo,
+            timesteps=args.timesteps,
+            seed=args.seed,
+            n_envs=args.n_envs or hp["n_envs"],
+            device=args.device,
+            out=args.out,
+            preset=args.preset,
+            algo_kwargs=hp["algo_kwargs"],
+            policy_kwargs=hp["policy_kwargs"],
+            env_kwargs=hp["env_kwargs"],
+            eval_env_kwargs=hp["eval_env_kwargs"],
+            eval_freq=hp["eval_freq"],
+            eval_episodes=hp["eval_episodes"],
+            checkpoint_freq=hp["checkpoint_freq"],
+            bc_episodes=args.bc_episodes,
+        )
+        final = train(config, resume=args.resume)
+    except ValueError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"policy: {final}")
+    return 0
 
 
 if __name__ == "__main__":
