@@ -121,8 +121,9 @@ class MoveResult:
         orientation_error_deg: Forward-kinematics orientation residual of the IK solution.
         clipped: Names of the command components clipped to :class:`StepLimits`.
         guarded: Whether the tunnelling guard pulled the commanded pose back.
-        force_n: Contact force after the move (N).
-        peak_force_n: Largest force during the move's control periods (N).
+        force_n: Contact force after the move, probe at rest (N): the spring's part.
+        peak_force_n: Largest force during the move's control periods (N), the tissue
+            damper's transient included; the safety cap applies to it.
         force_converged: Whether the force is within tolerance of the target (False when
             force control was off).
         force_iterations: Admittance control periods used.
@@ -268,7 +269,10 @@ class ProbeArm:
         info = [client.getJointInfo(self.body_id, j) for j in self._joints]
         self.lower_limits_rad = np.array([i[8] for i in info])
         self.upper_limits_rad = np.array([i[9] for i in info])
-        margin = math.radians(_check_finite("joint_margin_deg", joint_margin_deg))
+        margin_deg = _check_finite("joint_margin_deg", joint_margin_deg)
+        if margin_deg < 0.0:
+            raise ValueError(f"joint_margin_deg must be >= 0, got {margin_deg}")
+        margin = math.radians(margin_deg)
         self._ik_low = self.lower_limits_rad + margin
         self._ik_high = self.upper_limits_rad - margin
         for link in range(-1, client.getNumJoints(self.body_id)):
@@ -371,7 +375,8 @@ class ProbeArm:
         return self._q.copy()
 
     def force_n(self) -> float:
-        """Contact force along the probe axis (N), damper included."""
+        """Contact force along the probe axis with the probe at rest (N); the damper's
+        transient during a move shows in ``MoveResult.peak_force_n``."""
         return self._force_n
 
     def element_indentation_mm(self) -> np.ndarray:

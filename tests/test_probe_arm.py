@@ -462,6 +462,8 @@ def test_bad_arm_arguments_raise():
         StepLimits(slide_mm=0.0)
     with pytest.raises(ValueError, match="coupling_tolerance_mm"):
         ProbeArm(client, ((0, 0, 0), (0, 0, 0, 1)), coupling_tolerance_mm=-1.0)
+    with pytest.raises(ValueError, match="joint_margin_deg"):
+        ProbeArm(client, ((0, 0, 0), (0, 0, 0, 1)), joint_margin_deg=-2.0)
     with pytest.raises(ValueError, match="normal_world"):
         arm.place_on_skin([0.5, 0.0, BOX_TOP_M], [0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="point_world"):
