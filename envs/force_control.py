@@ -48,8 +48,8 @@ FORCE_DEFAULTS: dict[str, tuple[float, str]] = {
         "published value",
     ),
     "target_force_n": (5.0, "contact force commonly targeted in robotic ultrasound studies"),
-    "min_target_force_n": (2.0, "below this the gel coupling of a hand-held scan is unreliable"),
-    "max_target_force_n": (10.0, "upper end of routine abdominal scanning forces (approx.)"),
+    "min_target_force_n": (2.0, "lower end of the allowed targets, around the 5 N norm (approx.)"),
+    "max_target_force_n": (10.0, "upper end of the allowed targets, half the cap (approx.)"),
     "force_cap_n": (20.0, "conservative safety limit; abdominal forces up to about 34.5 N"),
 }
 
