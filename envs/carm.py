@@ -3,15 +3,13 @@
 The C-arm (``assets/urdf/c_arm.urdf``) stands on the floor beside the table. Its five
 joints, in the order of every public vector here:
 
-==============  =========  =======================================================
-``longitudinal``  mm       travel of the cart along the table (world x)
-``lateral``       mm       travel of the column across the table (world y)
-``lift``          mm       height of the support arm (world z)
-``orbital``       degrees  rotation of the C in its own plane about the patient's long
-                           axis through the isocentre: LAO (> 0) / RAO (< 0)
-``angular``       degrees  propeller rotation about the horizontal support arm (world y
-                           through the isocentre): cranial (> 0) / caudal (< 0)
-==============  =========  =======================================================
+- ``longitudinal`` (mm): travel of the cart along the table (world x);
+- ``lateral`` (mm): travel of the column across the table (world y);
+- ``lift`` (mm): height of the support arm (world z);
+- ``orbital`` (degrees): rotation of the C in its own plane about the patient's long axis
+  through the isocentre, LAO (> 0) / RAO (< 0);
+- ``angular`` (degrees): propeller rotation about the horizontal support arm (world y
+  through the isocentre), cranial (> 0) / caudal (< 0).
 
 Sign conventions, with the scene's placement (cart on the patient's left, world -y;
 head towards world +x): at zero angles the tube is under the table and the detector
@@ -23,20 +21,20 @@ towards the head (cranial). Kinematically the angular joint carries the orbital 
 (the whole C turns about the support arm; the C slides in its holder); both axes pass
 through the fixed isocentre, so rotations never move it.
 
-Image convention (DESIGN section 2): image columns run along ``u``, rows along ``v``
-(both unit vectors in the detector plane), with ``v`` the patient's inferior direction
-projected on the detector plane (head up) and ``u = v x d``, ``d`` the viewing direction
-from the detector towards the source: the image as seen from the detector's side. At
-the AP view this is the frontal display convention, head up and the patient's right on
-the viewer's left (``u`` points to the patient's left). The orbital range does not
-reach a PA view, where the two conventions would differ. ``u`` and ``v`` coincide with
-the detector link's x and y axes when the angular joint is at zero; otherwise the
-panel is turned about the central ray relative to them (at orbital 90 degrees an
-angular rotation spins the panel about the beam), and ``u``, ``v`` are the panel's
-plane turned head-up, as a C-arm's image rotation does.
+Image convention (DESIGN section 2): image columns run along ``u`` (``col_dir``), rows
+along ``v`` (``row_dir``), both unit vectors in the detector plane: ``v`` is the
+patient's inferior direction projected on the detector plane (head up) and
+``u = v x d``, with ``d`` the viewing direction from the detector towards the source:
+the image as seen from the detector's side. At the AP view this is the frontal display
+convention, head up and the patient's right on the viewer's left (``u`` points to the
+patient's left). The orbital range does not reach a PA view, where the two conventions
+would differ. ``u`` and ``v`` coincide with the detector link's x and y axes when the
+angular joint is at zero; otherwise the panel is turned about the central ray relative
+to them (at orbital 90 degrees an angular rotation spins the panel about the beam), and
+``u``, ``v`` are the panel's plane turned head-up, as a C-arm's image rotation does.
 
-Reference: geometry of the Siemens Cios-like mobile C-arm in DeepDRR's ``MobileCArm``
-(Unberath et al., MICCAI 2018; Killeen et al. 2023), values in FACTS.
+Reference: geometry and ranges of the Siemens Cios-like mobile C-arm of DeepDRR's
+``MobileCArm`` (Unberath et al., MICCAI 2018; Killeen et al., 2023).
 
 Limitations: joints move instantly (no velocity or acceleration limits); PyBullet's
 ``resetJointState`` ignores URDF limits, so limits are only those enforced here; the
@@ -49,7 +47,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from importlib import resources
 
 import numpy as np
@@ -101,8 +99,8 @@ CARM_GEOMETRY = CArmGeometry()
 class CArmLimits:
     """Joint ranges enforced by :class:`CArm` (lower, upper), in mm and degrees.
 
-    Defaults follow a mobile C-arm (FACTS: orbital about -40 to +110 degrees, angulation
-    about +-45 degrees near a patient, lift +-215 mm). Narrower ranges are allowed; wider
+    Defaults follow a mobile C-arm (DeepDRR's ``MobileCArm``: orbital about -40 to +110
+    degrees, angulation about +-45 degrees near a patient, lift +-215 mm). Narrower ranges are allowed; wider
     ones than the URDF's are rejected.
     """
 
@@ -160,32 +158,34 @@ class CommandReport:
 
 
 @dataclass(frozen=True)
-class XRayGeometry:
-    """Cone-beam geometry in patient RAS millimetres, what the X-ray sensor needs.
+class ExposureGeometry:
+    """Cone-beam geometry of one exposure in patient RAS millimetres.
+
+    Field names follow ``sonoray.sensors.xray_geometry.XRayGeometry.from_carm``, which
+    :meth:`sensor_kwargs` feeds.
 
     Attributes:
         source_mm: Focal spot, ``(3,)``.
         detector_centre_mm: Centre of the detector face, ``(3,)``.
-        detector_u: Unit vector along which the column index grows (image right), ``(3,)``.
-        detector_v: Unit vector along which the row index grows (image down), ``(3,)``.
-        detector_size_mm: (width along u, height along v).
-        pixels: (columns, rows).
+        row_dir: Unit vector along which the row index grows (image down, ``v``), ``(3,)``.
+        col_dir: Unit vector along which the column index grows (image right, ``u``), ``(3,)``.
+        pixel_mm: (row spacing, column spacing).
+        rows: Image height in pixels.
+        cols: Image width in pixels.
     """
 
     source_mm: np.ndarray
     detector_centre_mm: np.ndarray
-    detector_u: np.ndarray
-    detector_v: np.ndarray
-    detector_size_mm: tuple[float, float]
-    pixels: tuple[int, int]
-    pixel_spacing_mm: tuple[float, float] = field(init=False)
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    pixel_mm: tuple[float, float]
+    rows: int
+    cols: int
 
-    def __post_init__(self) -> None:
-        spacing = (
-            self.detector_size_mm[0] / self.pixels[0],
-            self.detector_size_mm[1] / self.pixels[1],
-        )
-        object.__setattr__(self, "pixel_spacing_mm", spacing)
+    @property
+    def detector_size_mm(self) -> tuple[float, float]:
+        """(height along rows, width along columns)."""
+        return (self.rows * self.pixel_mm[0], self.cols * self.pixel_mm[1])
 
     @property
     def beam_direction(self) -> np.ndarray:
@@ -196,6 +196,18 @@ class XRayGeometry:
     @property
     def source_to_detector_mm(self) -> float:
         return float(np.linalg.norm(self.detector_centre_mm - self.source_mm))
+
+    def sensor_kwargs(self) -> dict:
+        """Keyword arguments of ``XRayGeometry.from_carm`` (the batched torch geometry)."""
+        return {
+            "source_mm": self.source_mm,
+            "detector_centre_mm": self.detector_centre_mm,
+            "row_dir": self.row_dir,
+            "col_dir": self.col_dir,
+            "pixel_mm": self.pixel_mm,
+            "rows": self.rows,
+            "cols": self.cols,
+        }
 
 
 def _as_float(name: str, value) -> float:
@@ -218,7 +230,7 @@ class CArm:
         base_pose_world: (position_m, quat_xyzw) of the URDF root: the floor point under
             the isocentre at zero joints, x along the table, y from the cart to the table.
         limits: Joint ranges to enforce.
-        geometry: Detector size and pixel count reported in :class:`XRayGeometry`.
+        geometry: Detector size and pixel count reported in :class:`ExposureGeometry`.
     """
 
     def __init__(
@@ -373,7 +385,7 @@ class CArm:
 
     def xray_geometry_in_patient(
         self, patient_in_world: np.ndarray, pixels: int | None = None
-    ) -> XRayGeometry:
+    ) -> ExposureGeometry:
         """Source, detector centre and axes in patient RAS mm for the X-ray sensor.
 
         Args:
@@ -382,9 +394,10 @@ class CArm:
             pixels: Detector pixels per side for the image to render; the full-resolution
                 count of :class:`CArmGeometry` when ``None``.
         """
-        n = self.geometry.detector_pixels if pixels is None else int(pixels)
-        if n < 1:
+        n = self.geometry.detector_pixels if pixels is None else pixels
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"pixels must be a positive integer, got {pixels!r}")
+        n = int(n)
         source, detector = self.source_detector_in_world()
         points = world_m_to_patient_mm(np.stack([source[:3, 3], detector[:3, 3]]), patient_in_world)
         beam = points[1] - points[0]
@@ -395,14 +408,15 @@ class CArm:
             v = world_to_patient_direction(detector[:3, 1], patient_in_world)
         v /= np.linalg.norm(v)
         u = np.cross(v, -beam)
-        size = self.geometry.detector_size_mm
-        return XRayGeometry(
+        spacing = self.geometry.detector_size_mm / n
+        return ExposureGeometry(
             source_mm=points[0],
             detector_centre_mm=points[1],
-            detector_u=u,
-            detector_v=v,
-            detector_size_mm=(size, size),
-            pixels=(n, n),
+            row_dir=v,
+            col_dir=u,
+            pixel_mm=(spacing, spacing),
+            rows=n,
+            cols=n,
         )
 
     @property

@@ -49,7 +49,7 @@ def _project(point_mm, geometry):
     n = geometry.beam_direction
     t = np.dot(c - s, n) / np.dot(point_mm - s, n)
     q = s + t * (point_mm - s)
-    return np.dot(q - c, geometry.detector_u), np.dot(q - c, geometry.detector_v)
+    return np.dot(q - c, geometry.col_dir), np.dot(q - c, geometry.row_dir)
 
 
 def test_source_detector_distance_and_isocentre_fixed_under_rotations(carm):
@@ -115,8 +115,8 @@ def test_positive_orbital_is_lao_and_positive_angular_is_cranial(carm, patient_i
 
 def test_ap_view_follows_frontal_display_convention(carm, patient_in_world):
     geometry = carm.xray_geometry_in_patient(patient_in_world)
-    np.testing.assert_allclose(geometry.detector_u, [-1, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(geometry.detector_v, [0, 0, -1], atol=1e-6)
+    np.testing.assert_allclose(geometry.col_dir, [-1, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(geometry.row_dir, [0, 0, -1], atol=1e-6)
     right_col, _ = _project(np.array([60.0, 0.0, 0.0]), geometry)
     left_col, _ = _project(np.array([-60.0, 0.0, 0.0]), geometry)
     _, head_row = _project(np.array([0.0, 0.0, 60.0]), geometry)
@@ -138,7 +138,7 @@ def test_left_lateral_is_seen_from_the_detector_side(carm, patient_in_world):
     # At orbital 90 the angular axis is the central ray: it spins the panel, not the view.
     carm.command({"angular": 45.0})
     spun = carm.xray_geometry_in_patient(patient_in_world)
-    for name in ("source_mm", "detector_centre_mm", "detector_u", "detector_v"):
+    for name in ("source_mm", "detector_centre_mm", "col_dir", "row_dir"):
         np.testing.assert_allclose(getattr(spun, name), getattr(geometry, name), atol=1e-3)
 
 
@@ -150,13 +150,13 @@ def test_detector_axes_follow_convention_at_every_angle(carm, patient_in_world):
         beam = g.beam_direction
         v = inferior - np.dot(inferior, beam) * beam
         v /= np.linalg.norm(v)
-        np.testing.assert_allclose(g.detector_v, v, atol=1e-6)
-        np.testing.assert_allclose(g.detector_u, np.cross(v, -beam), atol=1e-6)
+        np.testing.assert_allclose(g.row_dir, v, atol=1e-6)
+        np.testing.assert_allclose(g.col_dir, np.cross(v, -beam), atol=1e-6)
         if angular == 0.0:  # the panel's edges are the image axes
             _, detector = carm.source_detector_in_world()
             np.testing.assert_allclose(
                 detector[:3, :2].T @ patient_in_world[:3, :3],
-                [g.detector_u, g.detector_v],
+                [g.col_dir, g.row_dir],
                 atol=1e-6,
             )
 
@@ -173,7 +173,8 @@ def test_geometry_constants_match_the_urdf(carm, client):
     assert np.linalg.norm(iso_mm - geometry.source_mm) == pytest.approx(
         CARM_GEOMETRY.source_to_isocentre_mm
     )
-    assert geometry.pixel_spacing_mm == (300.0 / 256, 300.0 / 256)
+    assert geometry.pixel_mm == (300.0 / 256, 300.0 / 256)
+    assert geometry.detector_size_mm == (300.0, 300.0) and geometry.rows == geometry.cols == 256
     assert CARM_GEOMETRY.pixel_spacing_mm == pytest.approx(0.195, abs=1e-3)
 
 
@@ -233,8 +234,9 @@ def test_bad_limits_and_pixels_raise(carm):
         CArmLimits(lift_mm=(10.0, -10.0))
     with pytest.raises(ValueError, match="mechanical range"):
         CArmLimits(orbital_deg=(-90.0, 90.0))
-    with pytest.raises(ValueError, match="pixels"):
-        carm.xray_geometry_in_patient(np.eye(4), pixels=0)
+    for pixels in (0, 2.5, True):
+        with pytest.raises(ValueError, match="pixels"):
+            carm.xray_geometry_in_patient(np.eye(4), pixels=pixels)
 
 
 def test_pose_holds_when_simulation_is_stepped(carm, client):
