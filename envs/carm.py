@@ -100,8 +100,8 @@ class CArmLimits:
     """Joint ranges enforced by :class:`CArm` (lower, upper), in mm and degrees.
 
     Defaults follow a mobile C-arm (DeepDRR's ``MobileCArm``: orbital about -40 to +110
-    degrees, angulation about +-45 degrees near a patient, lift +-215 mm). Narrower ranges are allowed; wider
-    ones than the URDF's are rejected.
+    degrees, angulation about +-45 degrees near a patient, lift +-215 mm). Narrower
+    ranges are allowed; wider ones than the URDF's are rejected.
     """
 
     longitudinal_mm: tuple[float, float] = (-400.0, 400.0)

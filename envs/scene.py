@@ -16,8 +16,9 @@ left (world -y) with its isocentre above the table's centre line; the ultrasound
 stands on a pedestal beside the table, on the side of the task's acoustic window.
 
 Collisions are read with ``getClosestPoints``, pair by pair among the named bodies:
-Bullet builds no contact manifolds between two static or kinematic bodies (the table,
-the patient and a fixed-base C-arm), so ``getContactPoints`` would miss them.
+Bullet builds no contact manifolds between two static bodies (table, patient, arm stand,
+a fixed robot base), so ``getContactPoints`` would miss some pairs, and closest points
+need no simulation step and honour a margin. They ignore PyBullet's collision filters.
 
 Limitations: the patient is rigid (no soft tissue deformation in the physics; the
 ultrasound arm's tissue model handles indentation); a concave mesh has no inside, so a
@@ -413,8 +414,9 @@ class Scene:
         costs some 20 ms, and a margin of more than a few centimetres costs more.
 
         Not reported: the patient on the table, and the ultrasound arm's base on its
-        stand. The probe touching the skin is reported like any contact (its link name
-        tells it apart).
+        stand. The probe touching the skin is reported like any contact, also after
+        ``ProbeArm.exclude_from_contacts`` (closest points ignore collision filters);
+        its link name tells it apart.
         """
         if not (math.isfinite(margin_m) and margin_m >= 0.0):
             raise ValueError(f"margin_m must be a non-negative number, got {margin_m!r}")
