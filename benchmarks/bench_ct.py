@@ -46,10 +46,16 @@ def _machine() -> dict:
     return {
         "cpu": cpu,
         "cores": cores,
+        "load_average_1min_at_start": _load_average(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "nibabel": nib.__version__,
     }
+
+
+def _load_average() -> float | None:
+    """Other processes share the CPU: record how busy it was."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _time(fn, repeats: int) -> tuple[float, float, object]:
@@ -115,6 +121,11 @@ def main() -> None:
             "spacing_mm": [round(float(s), 4) for s in patient.spacing_mm],
             "mesh_faces": int(len(mesh.faces)),
         }
+    machine["load_average_1min_at_end"] = _load_average()
+    print(
+        f"  load average (1 min) at start {machine['load_average_1min_at_start']}, "
+        f"at end {machine['load_average_1min_at_end']}"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print("written benchmarks/results/bench_ct.json")
