@@ -25,6 +25,7 @@ mesh).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +77,8 @@ WINDOWS: dict[str, AcousticWindow] = {
     for w in (
         AcousticWindow(
             "anterior_subcostal",
-            "below the right costal margin, beam tilted up under the ribs",
-            (0.0, 0.87, -0.5),
+            "anterior abdomen over the liver, beam tilted 20 degrees towards the head",
+            (0.0, math.cos(math.radians(20.0)), -math.sin(math.radians(20.0))),
             "right",
         ),
         AcousticWindow(
@@ -202,11 +203,6 @@ class StandardPlane:
     def centroid_mm(self) -> np.ndarray:
         return self.organ.centroid_mm
 
-    def plane_error(self, probe_in_patient: np.ndarray) -> tuple[float, float]:
-        """Distance (mm) of the centroid from a probe's image plane, and the angle (deg)
-        between that plane and this one."""
-        return plane_error(probe_in_patient, self.centroid_mm, self.normal)
-
 
 def task(name: str) -> UltrasoundTask:
     """The task called ``name``; ``ValueError`` lists the known ones."""
@@ -301,17 +297,6 @@ def supported_tasks(patient: Patient, max_depth_mm: float | None = None) -> list
             continue
         out.append(name)
     return out
-
-
-def plane_error(
-    probe_in_patient: np.ndarray, centroid_mm: np.ndarray, normal: np.ndarray
-) -> tuple[float, float]:
-    """Distance (mm) of a point from a probe's image plane (its x-z plane) and the angle
-    (deg, 0-90) between that plane and the plane of unit ``normal``."""
-    probe_normal = probe_in_patient[:3, 1]
-    distance_mm = abs(float(probe_normal @ (centroid_mm - probe_in_patient[:3, 3])))
-    angle_deg = float(np.degrees(np.arccos(min(1.0, abs(float(probe_normal @ normal))))))
-    return distance_mm, angle_deg
 
 
 def skin_crossing_mm(
