@@ -18,14 +18,16 @@ CT numbers from ``sonoray.assets.tissues``. Numbers marked (approx.) are rounded
 teaching values, not fits.
 
 Limitations:
-    Organs are smooth analytic solids (ellipsoids, swept tubes, dome-clipped shells),
-    so contours are simpler than real anatomy. The spine is straight in the frontal
-    plane and its vertebrae are not tilted. There are no arms, shoulder girdle,
-    femora, bowel gas, pancreas, gallbladder, veins, vessels inside the lungs or organ
-    texture beyond white CT noise; the abdominal cavity is a mixture of bowel
-    (soft tissue) and visceral fat. Bones are a 2 mm cortical shell over a cancellous
-    core, so small bones are mostly cortex at this voxel size. Organ volumes hit their
-    targets within a few percent unless a large organ does not fit a small body, in
+    Organs are smooth analytic solids (ellipsoids, swept tubes, planes, dome-shaped
+    shells), so contours are simpler than real anatomy; lung fissures are planes. The
+    spine is straight in the frontal plane and its vertebrae are not tilted. There are
+    no arms, clavicles, scapulae, femora, pancreas, gallbladder, bowel gas, veins or
+    vessels inside the lungs; the neck is a short stub cut flat at its top; costal
+    cartilages carry HU but no label. The abdominal cavity's free space is a random
+    mixture of bowel (soft tissue) and visceral fat. CT noise is white and Gaussian (no
+    streaks or correlated texture). Bones are a cortical shell (at least one voxel)
+    over a cancellous core, so thin bones are mostly cortex at 2 mm. Organ volumes hit
+    their targets within about 2 % unless a large organ does not fit a small body, in
     which case a warning says so.
 """
 
@@ -35,12 +37,14 @@ import dataclasses
 import logging
 import math
 import numbers
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from scipy import special
+from scipy import ndimage, special
 
 from sonoray.assets import tissues
 from sonoray.assets.patient import Patient
@@ -229,7 +233,12 @@ def make_phantom(seed: int, params: PhantomParams | None = None, **overrides: fl
     Raises:
         ValueError: for a negative or non-integer seed, an unknown parameter name or a
             value outside its allowed range.
+
+    Warns:
+        UserWarning: when an organ cannot reach its target volume in this body (a large
+            organ in a small trunk); the organ is then as large as fits.
     """
+    start = time.perf_counter()
     seed = _check_seed(seed)
     if params is None:
         params = sample_phantom_params(seed)
@@ -243,7 +252,8 @@ def make_phantom(seed: int, params: PhantomParams | None = None, **overrides: fl
     params = dataclasses.replace(params, **overrides)
 
     hu, labels, body = _Builder(params, seed).build()
-    present = set(np.unique(labels).tolist())
+    log.debug("built phantom %d in %.2f s", seed, time.perf_counter() - start)
+    present = set(np.flatnonzero(np.bincount(labels.ravel())).tolist())
     return Patient(
         name=f"phantom-{seed:04d}",
         hu=hu,
@@ -497,6 +507,17 @@ def _under(value: Any, mask: np.ndarray) -> Any:
     return value if np.ndim(value) == 0 else np.broadcast_to(value, mask.shape)[mask]
 
 
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` whose six face neighbours are all in it (the box's faces are out)."""
+    out = np.zeros_like(mask)
+    inner = (slice(1, -1),) * 3
+    out[inner] = mask[inner]
+    for axis in range(3):
+        for step in (-1, 1):
+            out[inner] &= np.roll(mask, step, axis=axis)[inner]
+    return out
+
+
 def _column(box: _Box, centre_x: Any, centre_y: Any, semi_x: Any, semi_y: Any) -> np.ndarray:
     """Voxels of ``box`` inside an elliptic column; each argument a scalar or one value per z."""
 
@@ -529,11 +550,12 @@ class _Canvas:
         return mask
 
     def paint_bone(self, part: _Part | None, label: int) -> None:
+        """Cortical bone under ``outer``; cancellous bone in the core, at least one voxel in."""
         if part is None:
             return
         self.paint(part.box, part.outer, _HU["cortical_bone"], label)
         if part.core is not None:
-            self.paint(part.box, part.core & part.outer, _HU["cancellous_bone"])
+            self.paint(part.box, part.core & _erode(part.outer), _HU["cancellous_bone"])
 
 
 class _Builder:
@@ -793,7 +815,7 @@ class _Builder:
     # ----- thorax -----------------------------------------------------------------------
 
     def _fit_volume(
-        self, build, target_ml: float, name: str, only_free: bool
+        self, build: Callable[[float], _Part], target_ml: float, name: str, only_free: bool
     ) -> tuple[_Part, float]:
         """Scale an organ (``build(scale) -> _Part``) until its paintable volume is the target.
 
@@ -832,7 +854,7 @@ class _Builder:
         v = self.vertebra
         z8 = 0.5 * (v["T8"]["top"] + v["T8"]["bottom"])
         axes = _frame((-0.6, 0.45, -0.65), (0.0, 0.0, 1.0))
-        x_c = -12.0 - self.p.heart_shift_left_mm
+        x_c = -18.0 - self.p.heart_shift_left_mm  # two thirds of the heart lie left
         y_c = float(self.spine_y(z8)) + v["T8"]["b"] + 60.0 * self.s_d
         z_floor = float(self.diaphragm_z(np.array(x_c), np.array(y_c)))
         semi0 = np.array([62.0, 48.0, 42.0])
@@ -881,14 +903,18 @@ class _Builder:
         # Trachea from the top of the neck to the carina at T5; its wall is soft tissue.
         y1 = sy(self.z_t1) + 30.0
         trachea = [
-            (0.0, y1, self.z_t1 + _NECK_MM - 4.0),
+            (0.0, y1, self.z_t1 + _NECK_MM),
             (0.0, y1, self.z_t1),
             (0.0, sy(at("T4")) + 30.0, at("T5", 0.0)),
         ]
+        # It runs on up into the larynx: cut it where the neck stub ends.
         wall = _merge(self.grid, _sweep(self.grid, trachea, 11.0, 11.0, up=(1, 0, 0)))
-        c.paint(wall.box, wall.outer, _HU["soft_tissue"], only_free=True)
+        inside = self.body[wall.box.sl]
+        c.paint(wall.box, wall.outer & inside, _HU["soft_tissue"], only_free=True)
         lumen = _merge(self.grid, _sweep(self.grid, trachea, 8.5, 8.5, up=(1, 0, 0)))
-        c.paint(lumen.box, lumen.outer, _HU["air"], _ID["trachea"])
+        lumen_inside = lumen.outer & self.body[lumen.box.sl]
+        lumen_inside &= ndimage.binary_erosion(self.body[lumen.box.sl], iterations=2)
+        c.paint(lumen.box, lumen_inside, _HU["air"], _ID["trachea"])
         carina = np.array(trachea[-1])
         self.bronchi = [
             np.array([carina, carina + (side * 38.0, -10.0, -22.0)]) for side in (1.0, -1.0)
