@@ -33,7 +33,7 @@ from gymnasium import spaces
 from scipy.spatial.transform import Rotation
 
 from sonoray.envs import frames
-from sonoray.envs.force_control import AdmittanceController
+from sonoray.envs.force_control import FORCE_DEFAULTS
 from sonoray.envs.patient_pool import PatientPool
 from sonoray.envs.scene import Scene, SceneConfig
 from sonoray.envs.us_tasks import (
@@ -70,12 +70,22 @@ STATE_NAMES = (
 )
 _POSITION_SCALE_MM = 100.0
 _ROTATION_SCALE_DEG = 90.0
+#: Bounds of ``observation["state"]`` (values are clipped to them): force up to four caps,
+#: position within 2 m, rotation vectors up to 180 degrees, actions in [-1, 1].
+_STATE_HIGH = np.array([4.0, *[20.0] * 3, *[2.0] * 3, *[1.0] * 5], dtype=np.float32)
+_STATE_LOW = np.array([0.0, *(-_STATE_HIGH[1:])], dtype=np.float32)
 
 #: Attempts at sampling a start pose before giving up.
 _START_ATTEMPTS = 64
 #: Largest angle between a start beam and the inward skin normal (deg): beyond it a convex
 #: face rolls off the skin.
 _START_MAX_SKIN_ANGLE_DEG = 30.0
+#: The force controller's allowed targets and the cap it never presses beyond (N).
+_TARGET_FORCE_RANGE_N = (
+    FORCE_DEFAULTS["min_target_force_n"][0],
+    FORCE_DEFAULTS["max_target_force_n"][0],
+)
+_HARD_FORCE_CAP_N = FORCE_DEFAULTS["force_cap_n"][0]
 #: Distance from the table's long edge to the arm's base axis (m): far enough that the iiwa
 #: reaches a flank window with the probe horizontal (nearer, the wrist would have to sit
 #: inside the arm's own base).
@@ -100,9 +110,11 @@ class UltrasoundEnvConfig:
         slide_mm: Slide along probe x and y per step at action 1.
         rotate_deg: Rotation about the probe axis per step at action 1.
         tilt_deg: Tilt about probe x and y per step at action 1.
-        target_force_n: Contact force the controller holds.
+        target_force_n: Contact force the controller holds (within the controller's 2-10 N).
         comfort_force_n: (low, high) force range without penalty; success needs it too.
-        force_cap_n: Force at which the episode ends as a safety violation.
+        force_cap_n: Force at which the episode ends as a safety violation: a monitor on the
+            measured force, at most the force controller's own hard limit (20 N), beyond
+            which it never presses.
         plane_tolerance_mm: Success distance of the organ's centroid from the image plane;
             ``None`` takes the task's (5 mm).
         angle_tolerance_deg: Success angle between image plane and standard plane; ``None``
@@ -173,15 +185,23 @@ class UltrasoundEnvConfig:
         _check_range("start_distance_mm", self.start_distance_mm, 0.0)
         _check_range("start_angle_deg", self.start_angle_deg, 0.0, 90.0)
         _check_range("gain_db_range", self.gain_db_range, -math.inf)
+        target_low, target_high = _TARGET_FORCE_RANGE_N
+        if not (
+            _is_number(self.target_force_n) and target_low <= self.target_force_n <= target_high
+        ):
+            raise ValueError(
+                f"target_force_n must lie in [{target_low}, {target_high}] N, "
+                f"got {self.target_force_n!r}"
+            )
         if not low <= self.target_force_n <= high:
             raise ValueError(
                 f"target_force_n must lie in comfort_force_n {self.comfort_force_n}, "
                 f"got {self.target_force_n!r}"
             )
-        if not self.force_cap_n > high:
+        if not high < self.force_cap_n <= _HARD_FORCE_CAP_N:
             raise ValueError(
-                f"force_cap_n must exceed comfort_force_n's upper end {high} N, "
-                f"got {self.force_cap_n!r}"
+                f"force_cap_n must exceed comfort_force_n's upper end {high} N and be at most "
+                f"the controller's hard limit {_HARD_FORCE_CAP_N} N, got {self.force_cap_n!r}"
             )
         for name in ("placement_offset_mm", "placement_yaw_deg", "force_penalty_per_n"):
             value = getattr(self, name)
@@ -326,12 +346,7 @@ class UltrasoundNavigationEnv(gym.Env):
             ),
         )
         self.arm = self.scene.probe_arm
-        low, high = config.comfort_force_n
-        self.arm.controller = AdmittanceController(
-            target_force_n=config.target_force_n,
-            force_cap_n=config.force_cap_n,
-            force_range_n=(low, high),
-        )
+        self.arm.target_force_n = config.target_force_n
         for index in range(len(self.pool)):
             self.arm.exclude_from_contacts(self.scene.patient_ids[index])
         self._check_reachable()
@@ -351,7 +366,7 @@ class UltrasoundNavigationEnv(gym.Env):
         self.observation_space = spaces.Dict(
             {
                 "image": spaces.Box(0, 255, (1, *size), np.uint8),
-                "state": spaces.Box(-np.inf, np.inf, (len(STATE_NAMES),), np.float32),
+                "state": spaces.Box(_STATE_LOW, _STATE_HIGH, dtype=np.float32),
             }
         )
         self._action_scale = np.array(
@@ -443,7 +458,7 @@ class UltrasoundNavigationEnv(gym.Env):
         self._steps += 1
         self._last_action = action
         self._peak_force_n = max(self._peak_force_n, result.peak_force_n)
-        violation = result.safety_violation or result.peak_force_n >= self.config.force_cap_n
+        violation = result.peak_force_n >= self.config.force_cap_n
         self._violations += int(violation)
         observation, info = self._observe(result.reachable, violation)
 
@@ -503,9 +518,10 @@ class UltrasoundNavigationEnv(gym.Env):
         side = _RENDER_SIZE_PX
         probe_in_world = self.arm.probe_in_world()
         probe_m = probe_in_world[:3, 3]
-        outward = -probe_in_world[:3, 2]
-        sign = 1.0 if self.task.acoustic_window.arm_side == "right" else -1.0
-        eye_m = probe_m + 0.45 * outward + np.array([-0.55, 0.35 * sign, 0.35])
+        # From above the feet and across from the arm, so that the arm hides neither probe
+        # nor patient.
+        across = -1.0 if self.task.acoustic_window.arm_side == "right" else 1.0
+        eye_m = probe_m + np.array([-0.75, 0.35 * across, 0.75])
         scene = self.scene.camera_image(eye_m, probe_m, width=side * 4 // 3, height=side)
 
         image = self._frame.image[0].cpu().numpy()
@@ -537,7 +553,7 @@ class UltrasoundNavigationEnv(gym.Env):
         font = cv2.FONT_HERSHEY_SIMPLEX
         title = f"{self.task.name} | {info['patient']} | step {self._steps}"
         cv2.putText(panel, title, (4, 12), font, 0.33, (230, 230, 230), 1, cv2.LINE_AA)
-        row_px = (side - 24) // max(len(rows), 1)
+        row_px = (side - 40) // max(len(rows), 1)
         bar_x0, bar_x1 = 84, side - 8
         for i, (name, value, full, band) in enumerate(rows):
             y = 24 + i * row_px
@@ -601,7 +617,10 @@ class UltrasoundNavigationEnv(gym.Env):
                 return start
         raise RuntimeError(
             f"no start pose for task {self.task.name!r} on patient {self.patient_name!r} after "
-            f"{_START_ATTEMPTS} attempts; try smaller start_distance_mm / start_angle_deg"
+            f"{_START_ATTEMPTS} attempts (the probe must reach the skin, hold "
+            f"target_force_n={cfg.target_force_n} N below force_cap_n={cfg.force_cap_n} N and "
+            "couple over half its aperture); try smaller start_distance_mm / start_angle_deg "
+            "or a larger gap between target force and cap"
         )
 
     def _observe(self, reachable: bool, violation: bool) -> tuple[dict, dict]:
@@ -644,6 +663,7 @@ class UltrasoundNavigationEnv(gym.Env):
             np.degrees(Rotation.from_matrix(relative[:3, :3]).as_rotvec()) / _ROTATION_SCALE_DEG
         )
         state[7:] = self._last_action
+        np.clip(state, _STATE_LOW, _STATE_HIGH, out=state)
         observation = {"image": frame.image.cpu().numpy()[:, :, :].copy(), "state": state}
         info = {
             "is_success": bool(success),

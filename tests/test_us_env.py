@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gymnasium as gym
+import nibabel as nib
 import numpy as np
 import pytest
 
+from sonoray.agents.random_agent import RandomAgent
+from sonoray.agents.us_oracle import UltrasoundOracle
 from sonoray.assets.patient import Patient
-from sonoray.envs import us_tasks
-from sonoray.sensors.us_quality import plane_errors
+from sonoray.envs import ULTRASOUND_NAVIGATION_ID, us_tasks
+from sonoray.envs.us_env import UltrasoundEnvConfig
+from sonoray.sensors.us_quality import SCORE_NAMES, plane_errors
 
 # ----- standard planes of a synthetic ellipsoid organ ------------------------------------------
 
@@ -119,3 +124,197 @@ def test_too_deep_organ_is_unsupported(tilted_kidney):
 def test_unknown_task_name_lists_known_tasks():
     with pytest.raises(ValueError, match="known tasks: .*spleen_long_axis"):
         us_tasks.task("heart_four_chamber")
+
+
+# ----- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"colour": "blue"}, r"unknown UltrasoundNavigation option\(s\) \['colour'\]; allowed:"),
+        ({"task": "heart"}, r"task must be one of \['kidney_left_long_axis'"),
+        ({"preset": "phased"}, r"preset must be one of \['convex', 'linear'\]"),
+        ({"image_size": 8}, "image_size must be an integer >= 16"),
+        ({"n_patients": 0}, "n_patients must be an integer >= 1"),
+        ({"max_steps": 2.5}, "max_steps must be an integer >= 1"),
+        ({"slide_mm": float("nan")}, "slide_mm must be a finite number > 0"),
+        ({"target_force_n": 12.0}, r"target_force_n must lie in \[2.0, 10.0\] N"),
+        ({"target_force_n": 3.0, "comfort_force_n": (4.0, 8.0)}, "must lie in comfort_force_n"),
+        ({"force_cap_n": 25.0}, "at most the controller's hard limit 20.0 N"),
+        ({"force_cap_n": 9.0}, "must exceed comfort_force_n's upper end 10.0 N"),
+        ({"comfort_force_n": (6.0, 3.0)}, "comfort_force_n must be"),
+        ({"start_angle_deg": (10.0, 120.0)}, "start_angle_deg must be"),
+        ({"placement_yaw_deg": -1.0}, "placement_yaw_deg must be a number >= 0"),
+        ({"depth_choices_mm": (0.0,)}, "depth_choices_mm must be a finite number > 0"),
+        ({"labels": "labels.nii.gz"}, "given without ct"),
+        ({"device": "abacus"}, "device must be a torch device"),
+    ],
+)
+def test_bad_configuration_names_the_value_and_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        UltrasoundEnvConfig.from_kwargs(**kwargs)
+
+
+def test_gym_make_passes_options_and_rejects_unknown_ones():
+    with pytest.raises(ValueError, match=r"unknown UltrasoundNavigation option\(s\) \['gain'\]"):
+        gym.make(ULTRASOUND_NAVIGATION_ID, gain=3.0)
+
+
+def test_unsupported_task_fails_at_construction_listing_supported_ones(tmp_path):
+    # A body holding only a right kidney, written as a labelled NIfTI CT.
+    patient = _ellipsoid_patient("kidney_right", (30.0, -10.0, 0.0), (15, 25, 55), np.eye(3))
+    nib.save(nib.Nifti1Image(patient.hu, patient.affine), tmp_path / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(patient.labels, patient.affine), tmp_path / "labels.nii.gz")
+    (tmp_path / "structures.csv").write_text("id,name\n1,kidney_right\n")
+    with pytest.raises(ValueError, match=r"supports: \['kidney_right_long_axis'\]"):
+        gym.make(
+            ULTRASOUND_NAVIGATION_ID,
+            task="spleen_long_axis",
+            ct=str(tmp_path / "ct.nii.gz"),
+            labels=str(tmp_path / "labels.nii.gz"),
+        )
+
+
+# ----- the environment -------------------------------------------------------------------------
+
+_SMALL = {"task": "kidney_right_long_axis", "n_patients": 2, "image_size": 64, "max_steps": 40}
+
+
+@pytest.fixture(scope="module")
+def env():
+    environment = gym.make(ULTRASOUND_NAVIGATION_ID, render_mode="rgb_array", **_SMALL)
+    yield environment
+    environment.close()
+
+
+@pytest.mark.slow
+def test_env_passes_gymnasium_and_sb3_checkers(env):
+    from gymnasium.utils.env_checker import check_env as gym_check_env
+    from stable_baselines3.common.env_checker import check_env as sb3_check_env
+
+    gym_check_env(env.unwrapped)
+    sb3_check_env(env.unwrapped, warn=True)
+
+
+@pytest.mark.slow
+def test_spaces_observation_and_info(env):
+    observation, info = env.reset(seed=3)
+    assert env.observation_space.contains(observation)
+    assert observation["image"].shape == (1, 64, 64) and observation["image"].dtype == np.uint8
+    assert observation["image"].max() > 0  # the probe couples and sees tissue
+    assert env.action_space.shape == (5,)
+    for key in ("is_success", "scores", "force_n", "peak_force_n", "safety_violations"):
+        assert key in info
+    assert set(info["scores"]) == {"overall", *SCORE_NAMES}
+    assert 2.0 <= info["force_n"] <= 10.0  # the start holds the target force
+    # The start lies 30-80 mm and 10-40 degrees from the goal.
+    start, goal = env.unwrapped.probe_in_patient, env.unwrapped.goal_in_patient
+    angle = np.degrees(np.arccos((np.trace(start[:3, :3].T @ goal[:3, :3]) - 1) / 2))
+    distance = np.linalg.norm(start[:3, 3] - goal[:3, 3])
+    assert 10.0 - 1.0 <= angle <= 40.0 + 1.0
+    assert 30.0 - 10.0 <= distance <= 80.0 + 10.0  # goal on the skin, start indented
+    frame = env.render()
+    assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
+
+
+@pytest.mark.slow
+def test_same_seed_same_episode_bit_for_bit(env):
+    actions = np.random.default_rng(7).uniform(-1, 1, (6, 5)).astype(np.float32)
+
+    def episode(seed):
+        observation, info = env.reset(seed=seed)
+        trace = [observation["image"].copy(), observation["state"].copy(), info["patient"]]
+        for action in actions:
+            observation, reward, terminated, truncated, info = env.step(action)
+            trace += [observation["image"].copy(), observation["state"].copy(), reward]
+            if terminated or truncated:
+                break
+        return trace
+
+    first, other, again = episode(11), episode(12), episode(11)
+    assert len(first) == len(again)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=False))
+
+
+@pytest.mark.slow
+def test_nan_and_misshapen_actions_raise(env):
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action must be finite"):
+        env.step(np.array([0.0, np.nan, 0.0, 0.0, 0.0], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"action must have shape \(5,\)"):
+        env.step(np.zeros(4, dtype=np.float32))
+
+
+@pytest.mark.slow
+def test_push_beyond_the_force_cap_terminates_with_the_reason():
+    env = gym.make(ULTRASOUND_NAVIGATION_ID, **{**_SMALL, "n_patients": 1, "force_cap_n": 12.0})
+    try:
+        env.reset(seed=0)
+        arm = env.unwrapped.arm
+        # Something pushes the probe 10 mm into the skin (a patient breathing against it).
+        arm.move(push_mm=10.0, regulate_force=False)
+        assert arm.force_n() >= 12.0
+        _, _, terminated, truncated, info = env.step(np.zeros(5, dtype=np.float32))
+        assert terminated and not truncated
+        assert info["termination_reason"] == "force_cap"
+        assert info["safety_violation"] and info["safety_violations"] == 1
+        assert info["peak_force_n"] >= 12.0 and not info["is_success"]
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
+def test_oracle_reaches_the_plane_and_beats_random(env):
+    oracle, random_agent = UltrasoundOracle(), RandomAgent()
+    results = {}
+    for agent in (oracle, random_agent):
+        successes = 0
+        for seed in range(3):
+            observation, info = env.reset(seed=seed)
+            agent.reset(env.unwrapped, seed)
+            done = False
+            while not done:
+                action = agent.act(observation, env.unwrapped)
+                observation, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+            assert not info["safety_violations"]
+            successes += info["is_success"]
+        results[agent.name] = successes
+    assert results["scripted"] == 3
+    assert results["random"] < 3
+
+
+@pytest.mark.slow
+@pytest.mark.chest_ct
+def test_oracle_finds_the_liver_plane_on_the_example_ct(chest_ct_path):
+    env = gym.make(
+        ULTRASOUND_NAVIGATION_ID,
+        task="liver_long_axis",
+        ct=str(chest_ct_path / "ct.nii.gz"),
+        labels=str(chest_ct_path / "labels.nii.gz"),
+        image_size=64,
+    )
+    try:
+        oracle = UltrasoundOracle()
+        for seed in range(2):
+            observation, info = env.reset(seed=seed)
+            assert info["patient"] == "ct"
+            done = False
+            while not done:
+                action = oracle.act(observation, env.unwrapped)
+                observation, _, terminated, truncated, info = env.step(action)
+                done = terminated or truncated
+            assert info["is_success"], info
+            assert info["plane_distance_mm"] <= 5.0 and info["plane_angle_deg"] <= 5.0
+        with pytest.raises(ValueError, match=r"cut by the scan.*supports: \['liver_long_axis'"):
+            gym.make(
+                ULTRASOUND_NAVIGATION_ID,
+                task="kidney_right_long_axis",
+                ct=str(chest_ct_path / "ct.nii.gz"),
+                labels=str(chest_ct_path / "labels.nii.gz"),
+            )
+    finally:
+        env.close()
