@@ -38,11 +38,9 @@ def bone_in_tissue():
     hu[16:24, 16:24, 14:26] = 900.0
     labels[16:24, 16:24, 14:26] = 1
     sensor = XRaySensor(hu, grid_affine(), labels=labels, label_names={1: "vertebrae_T8"})
-    centre = (
-        np.zeros(3) + grid_affine()[:3, :3] @ np.array([19.5, 19.5, 19.5]) + grid_affine()[:3, 3]
-    )
-    idx = np.argwhere(labels == 1)
-    points = idx * SPACING_MM + grid_affine()[:3, 3]
+    aff = grid_affine()
+    centre = aff[:3, :3] @ np.full(3, 19.5) + aff[:3, 3]  # the label box's centre voxel
+    points = np.argwhere(labels == 1) * SPACING_MM + aff[:3, 3]
     return sensor, centre, points
 
 
