@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +51,24 @@ from sonoray.envs.frames import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+def direct_client() -> BulletClient:
+    """A headless PyBullet client; its native banner is kept off this process's stdout.
+
+    PyBullet's C code prints ``argv[0]=`` when it connects; command lines here promise
+    that stdout carries only their results, so the file descriptor is muted meanwhile.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            return BulletClient(connection_mode=pybullet.DIRECT)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
 
 SIDES = ("left", "right")
 
@@ -160,7 +180,7 @@ class Scene:
             raise ValueError("Scene needs at least one patient, got an empty sequence")
         self.config = config if config is not None else SceneConfig()
         self.patients: tuple[Patient, ...] = tuple(patients)
-        self.client = BulletClient(connection_mode=pybullet.DIRECT)
+        self.client = direct_client()
         try:
             self._build()
         except Exception:
