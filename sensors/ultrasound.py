@@ -54,6 +54,7 @@ parenchymal speckle as in clinical images, not measured.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,7 +74,8 @@ CONSTANTS = {
     # Tissue whose attenuation the default time-gain compensation and the confidence assume
     # (0.5 dB/cm/MHz, the usual average for soft tissue; tissue table).
     "nominal_tissue": "liver",
-    # Tissue that fills a small gap between a coupled probe face and the skin (gel ~ water).
+    # Medium matched to the probe's lens: it lies in front of the first sample, and fills a
+    # small gap between a coupled face and the skin (coupling gel ~ water).
     "gel_tissue": "water",
     # Scatterer-field correlation sigma as a fraction of the probe's elevation -6 dB width at
     # the lens focus (approx.: the slice is thinnest there and wider elsewhere); 0.7 keeps
@@ -89,8 +91,13 @@ BACKSCATTER_AMPLITUDE = CONSTANTS["backscatter_amplitude"]
 _SPECKLE_TILE_VOXELS = (89, 97)
 #: Smoothing sigma of the speckle volumes in voxels (>= 1.5 keeps trilinear sampling stationary).
 _SPECKLE_TILE_SIGMA_VOXELS = 1.5
-#: Cells per side of the grid that measures a target's cross-section on the whole image plane.
-_PLANE_GRID_CELLS = 128
+#: Cells per side of the grid that measures a target's cross-section on the image plane (over
+#: twice the sector's extent).
+_PLANE_GRID_CELLS = 96
+#: Floor of loss factors (intensity or amplitude), and the same in dB: far below any dynamic
+#: range, and it keeps float32 out of denormal numbers, whose arithmetic is ~100x slower on CPUs.
+_FLOOR = 1e-15
+_FLOOR_DB = 150.0
 #: Rotation tolerance for probe poses (max |R^T R - I|).
 _ROTATION_TOL = 1e-3
 
@@ -126,7 +133,7 @@ class BModeSettings:
     speckle: bool = True
     psf: bool = True
     keep_aspect: bool = True
-    samples_per_pixel: float = 2.0
+    samples_per_pixel: float = 1.5
     coupling_gel_mm: float = 3.0
     speckle_seed: int = 0
 
@@ -162,8 +169,8 @@ class BModeFrame:
         target_mask: bool ``(B, H, W)``: pixels in the sector whose label is a target id
             (``None`` when no target ids were asked for).
         target_plane_area_mm2: float32 ``(B,)``: the targets' cross-section on the whole
-            image plane (inside the sector or not), sampled on a grid of 128 x 128 cells
-            over four times the sector's extent (``None`` without target ids).
+            image plane (inside the sector or not), sampled on a grid of 96 x 96 cells
+            over twice the sector's extent (``None`` without target ids).
         envelope: float32 ``(B, L, S)``: envelope per line and depth sample after TGC, as a
             fraction of the echo of a perfect reflector at the face.
         line_confidence: float32 ``(B, L, S)``: confidence per line and depth sample.
@@ -198,7 +205,8 @@ def check_probe_poses(probe_in_patient, device=None) -> torch.Tensor:
     if not torch.allclose(pose[:, 3], bottom.expand(pose.shape[0], 4)):
         raise ValueError(f"probe_in_patient last row must be (0, 0, 0, 1), got {pose[:, 3]}")
     rot = pose[:, :3, :3]
-    orth_err = (rot.transpose(1, 2) @ rot - torch.eye(3, dtype=rot.dtype)).abs().amax((1, 2))
+    identity = torch.eye(3, dtype=rot.dtype, device=rot.device)
+    orth_err = (rot.transpose(1, 2) @ rot - identity).abs().amax((1, 2))
     det = torch.linalg.det(rot)
     bad = (orth_err > _ROTATION_TOL) | (det < 0)
     if bad.any():
@@ -270,7 +278,10 @@ class BModeSimulator:
             raise ValueError(f"tissue ids must lie in [0, {n_tissues - 1}], got [{lo}, {hi}]")
         self.n_volumes = tissue_ids.shape[0]
         self.grid_shape = tuple(tissue_ids.shape[1:])
-        self._tissue_flat = tissue_ids.to(self.device, torch.uint8).reshape(-1)
+        # One voxel of padding (air, label 0) on every side: clamping a coordinate onto the
+        # padding replaces a bounds test, so points outside the grid read the padding.
+        air = tissues.TISSUE_IDS["air"]
+        self._tissue_flat = _pad_flat(tissue_ids.to(self.device, torch.uint8), air)
         self._label_flat = None
         if labels is not None:
             labels = torch.as_tensor(labels)
@@ -280,7 +291,9 @@ class BModeSimulator:
                     f"labels shape {tuple(labels.shape)} differs from tissue ids shape "
                     f"{tuple(tissue_ids.shape)}"
                 )
-            self._label_flat = labels.to(self.device, torch.int32).reshape(-1)
+            small = labels.numel() == 0 or int(labels.max()) <= torch.iinfo(torch.int16).max
+            dtype = torch.int16 if small else torch.int32
+            self._label_flat = _pad_flat(labels.to(self.device, dtype), 0)
 
         affine = torch.as_tensor(affine, dtype=torch.float64)
         affine = affine[None] if affine.ndim == 2 else affine
@@ -293,17 +306,20 @@ class BModeSimulator:
             or (torch.linalg.det(affine[:, :3, :3]).abs() < 1e-9).any()
         ):
             raise ValueError("affine must be finite and invertible")
-        inverse = torch.linalg.inv(affine).expand(self.n_volumes, 4, 4)
+        to_padded = torch.eye(4, dtype=torch.float64)
+        to_padded[:3, 3] = 1.5  # one voxel of padding, plus 0.5 so that floor() rounds
+        inverse = (to_padded @ torch.linalg.inv(affine)).expand(self.n_volumes, 4, 4)
         self._patient_to_voxel = inverse.to(self.device, torch.float32).contiguous()
-        strides = [int(np.prod(self.grid_shape[i + 1 :])) for i in range(3)]
-        self._voxel_strides = torch.tensor(strides, device=self.device)
-        self._grid_upper = torch.tensor(self.grid_shape, device=self.device)
-        self._volume_stride = int(np.prod(self.grid_shape))
+        padded = [n + 2 for n in self.grid_shape]
+        strides = [padded[1] * padded[2], padded[2], 1]
+        self._voxel_strides = torch.tensor(strides, dtype=torch.float64, device=self.device)
+        self._voxel_upper = torch.tensor(padded, dtype=torch.float32, device=self.device) - 1
+        self._volume_stride = int(np.prod(padded))
 
     def _set_tissue_tables(self) -> None:
         fields = ("impedance_mrayl", "attenuation_db_cm_mhz", "echogenicity")
-        table = np.stack([tissues.tissue_property(f) for f in fields], axis=-1)
-        self._tissue_table = torch.as_tensor(table, device=self.device)  # (T, 3)
+        table = np.stack([tissues.tissue_property(f) for f in fields])
+        self._tissue_table = torch.as_tensor(table, device=self.device)  # (3, T)
         self._air_id = tissues.TISSUE_IDS["air"]
         self._gel_id = tissues.TISSUE_IDS[CONSTANTS["gel_tissue"]]
         self._face_impedance = float(tissues.tissue(CONSTANTS["gel_tissue"]).impedance_mrayl)
@@ -339,8 +355,8 @@ class BModeSimulator:
         self.sample_spacing_mm = self.depth_mm / (n_samples - 1)
         depths = torch.arange(n_samples, dtype=torch.float64) * self.sample_spacing_mm
         self.sample_depths_mm = depths.to(self.device, torch.float32)
-        points = origins[:, None, :] + depths[None, :, None] * directions[:, None, :]  # (L, S, 3)
-        self._sample_points = points.reshape(-1, 3).to(self.device, torch.float32)
+        self._line_origins = origins.T.contiguous().to(self.device, torch.float32)  # (3, L)
+        self._line_directions = directions.T.contiguous().to(self.device, torch.float32)
         self.n_lines, self.n_samples = n_lines, n_samples
 
         # Scan conversion: each pixel's fractional (line, sample) position.
@@ -357,12 +373,13 @@ class BModeSimulator:
             [2.0 * sample / (n_samples - 1) - 1.0, 2.0 * line / (n_lines - 1) - 1.0], dim=-1
         )
         self._scan_grid = grid[None].to(self.device, torch.float32)  # (1, H, W, 2)
-        self._pixel_points = pixels.reshape(-1, 3).to(self.device, torch.float32)
+        self._sector_pixels = torch.nonzero(inside.reshape(-1))[:, 0].to(self.device)
+        sector_points = pixels.reshape(-1, 3)[inside.reshape(-1)]
         self.sector_area_mm2 = float(inside.sum()) * px_x * px_z
 
-        # Coarse grid over four times the sector's extent for the targets' whole cross-section.
+        # Coarse grid over twice the sector's extent for the targets' whole cross-section.
         n = _PLANE_GRID_CELLS
-        cell_x, cell_z = 4.0 * (x_hi - x_lo) / n, 4.0 * (z_hi - z_lo) / n
+        cell_x, cell_z = 2.0 * (x_hi - x_lo) / n, 2.0 * (z_hi - z_lo) / n
         centre = torch.arange(n, dtype=torch.float64) - 0.5 * (n - 1)
         gz, gx = torch.meshgrid(
             0.5 * (z_lo + z_hi) + centre * cell_z,
@@ -370,7 +387,9 @@ class BModeSimulator:
             indexing="ij",
         )
         plane = torch.stack([gx, torch.zeros_like(gx), gz], dim=-1).reshape(-1, 3)
-        self._plane_points = plane.to(self.device, torch.float32)
+        points = torch.cat([sector_points, plane])
+        self._target_points = points.T.contiguous().to(self.device, torch.float32)  # (3, N)
+        self._n_sector = sector_points.shape[0]
         self._plane_cell_mm2 = cell_x * cell_z
 
         f = p.center_frequency_mhz
@@ -395,10 +414,10 @@ class BModeSimulator:
         )
         # Axial kernel peaks at 1 (an interface echoes with amplitude r); lateral sums to 1
         # (a plane interface across many lines keeps amplitude r).
-        axial = _gaussian_kernel(axial_mm / self.sample_spacing_mm, self.device)
-        lateral = _gaussian_kernel(lateral_mm / line_spacing_mm, self.device)
-        self._axial_kernel = (axial / axial.max()).view(1, 1, 1, -1)
-        self._lateral_kernel = (lateral / lateral.sum()).view(1, 1, -1, 1)
+        axial = _gaussian_kernel(axial_mm / self.sample_spacing_mm)
+        lateral = _gaussian_kernel(lateral_mm / line_spacing_mm)
+        self._axial_kernel = (axial / axial.max()).tolist()
+        self._lateral_kernel = (lateral / lateral.sum()).tolist()
 
     def _set_speckle(self) -> None:
         s = self.settings
@@ -447,11 +466,10 @@ class BModeSimulator:
         patient_to_voxel = self._patient_to_voxel[volume_index]  # (B, 4, 4)
         probe_to_voxel = patient_to_voxel @ pose
 
-        tissue = self._gather(self._tissue_flat, probe_to_voxel, self._sample_points, volume_index)
-        tissue = tissue.view(batch, self.n_lines, self.n_samples).long()
+        voxels = self._line_points(probe_to_voxel)  # (3, B, L, S)
+        tissue = self._gather(self._tissue_flat, voxels, volume_index).long()  # (B, L, S)
         tissue = self._fill_gel(tissue, coupling)
-        props = self._tissue_table[tissue]  # (B, L, S, 3)
-        impedance, alpha, echogenicity = props.unbind(-1)
+        impedance, alpha, echogenicity = self._tissue_table[:, tissue]  # each (B, L, S)
 
         transmitted_before, transmitted_after, reflection = _transmission(
             impedance, coupling, self._face_impedance
@@ -459,7 +477,7 @@ class BModeSimulator:
         f = self.preset.center_frequency_mhz
         step_db = alpha * (f * self.sample_spacing_mm / 10.0)
         loss_db = torch.cumsum(step_db, dim=-1) - step_db  # (B, L, S) one way, above each sample
-        round_trip = torch.pow(10.0, -loss_db / 10.0)  # amplitude: 10^(-2 loss / 20)
+        round_trip = torch.pow(10.0, -loss_db.clamp(max=_FLOOR_DB) / 10.0)  # 10^(-2 loss / 20)
 
         real = reflection * transmitted_before * round_trip
         imag = torch.zeros_like(real)
@@ -474,7 +492,7 @@ class BModeSimulator:
         s = self.settings
         brightness_db = 20.0 * torch.log10(envelope.clamp_min(1e-12)) + s.gain_db
         brightness = ((brightness_db + s.dynamic_range_db) / s.dynamic_range_db).clamp(0.0, 1.0)
-        excess_db = loss_db - self._nominal_loss_db
+        excess_db = (loss_db - self._nominal_loss_db).clamp(max=_FLOOR_DB)
         line_confidence = (transmitted_after * torch.pow(10.0, -excess_db / 10.0)).clamp(0.0, 1.0)
 
         lines = torch.stack([brightness, line_confidence], dim=1)  # (B, 2, L, S)
@@ -526,20 +544,31 @@ class BModeSimulator:
             raise ValueError("coupling must lie in [0, 1]")
         return coupling
 
-    def _gather(self, flat, probe_to_voxel, points, volume_index, fill=None) -> torch.Tensor:
-        """Nearest-voxel values at probe-frame points, ``(B, N)``; outside the grid: ``fill``."""
-        batch = probe_to_voxel.shape[0]
-        ijk = torch.baddbmm(
-            probe_to_voxel[:, None, :3, 3],
-            points.expand(batch, -1, -1),
-            probe_to_voxel[:, :3, :3].transpose(1, 2),
+    def _line_points(self, transform: torch.Tensor) -> torch.Tensor:
+        """Every line sample mapped by ``transform`` (B, 4, 4), component-major ``(3, B, L, S)``."""
+        origins = torch.baddbmm(
+            transform[:, :3, 3:],
+            transform[:, :3, :3],
+            self._line_origins.expand(len(transform), 3, -1),
         )
-        ijk = torch.floor(ijk + 0.5).long()  # (B, N, 3)
-        inside = ((ijk >= 0) & (ijk < self._grid_upper)).all(-1)
-        index = (ijk * self._voxel_strides).sum(-1) + (volume_index * self._volume_stride)[:, None]
-        values = flat[torch.where(inside, index, 0)]
-        fill = self._air_id if fill is None else fill
-        return torch.where(inside, values, torch.full_like(values, fill))
+        directions = transform[:, :3, :3] @ self._line_directions
+        return torch.addcmul(
+            origins.transpose(0, 1)[..., None],
+            directions.transpose(0, 1)[..., None],
+            self.sample_depths_mm,
+        )
+
+    def _gather(self, flat: torch.Tensor, voxels: torch.Tensor, volume_index) -> torch.Tensor:
+        """Nearest-voxel values at padded voxel coordinates ``(3, B, ...)`` -> ``(B, ...)``.
+
+        Coordinates carry the +0.5 of rounding, so ``floor`` gives the nearest voxel; points
+        outside the grid are clamped onto the padding and read its value.
+        """
+        shape = (3,) + (1,) * (voxels.ndim - 1)
+        ijk = torch.minimum(voxels.floor().clamp_min_(0.0), self._voxel_upper.view(shape))
+        index = (ijk.double() * self._voxel_strides.view(shape)).sum(0).long()
+        offset = (volume_index * self._volume_stride).view((-1,) + (1,) * (index.ndim - 1))
+        return flat.take(index + offset)
 
     def _fill_gel(self, tissue: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
         """On coupled lines that reach tissue within the gel depth, the air before it is gel."""
@@ -556,17 +585,12 @@ class BModeSimulator:
     def _scatterer_field(self, pose: torch.Tensor, volume_index: torch.Tensor) -> torch.Tensor:
         """Complex scatterer field at the samples' patient positions, ``(B, 2, L, S)``."""
         batch = pose.shape[0]
-        patient = torch.baddbmm(
-            pose[:, None, :3, 3],
-            self._sample_points.expand(batch, -1, -1),
-            pose[:, :3, :3].transpose(1, 2),
-        )
-        voxels = (
-            patient + self._speckle_offsets_mm[volume_index][:, None]
-        ) / self._speckle_voxel_mm
+        patient = self._line_points(pose)  # (3, B, L, S)
+        offsets = self._speckle_offsets_mm[volume_index].T[..., None, None]  # (3, B, 1, 1)
+        voxels = ((patient + offsets) / self._speckle_voxel_mm).movedim(0, -1)  # (B, L, S, 3)
         field = 0.0
         for n, tile in self._speckle_tiles:
-            grid = torch.remainder(voxels, n) * (2.0 / n) - 1.0
+            grid = torch.remainder(voxels, n).mul_(2.0 / n).sub_(1.0)
             field = (
                 field
                 + F.grid_sample(
@@ -577,15 +601,18 @@ class BModeSimulator:
         return field.transpose(0, 1).reshape(batch, 2, self.n_lines, self.n_samples)
 
     def _convolve_psf(self, iq: torch.Tensor) -> torch.Tensor:
+        """Separable PSF on ``(B, 2, L, S)`` as sums of shifted copies (small kernels)."""
         if self._axial_kernel is None:
             return iq
-        batch = iq.shape[0]
-        x = iq.reshape(batch * 2, 1, self.n_lines, self.n_samples)
-        ra = self._axial_kernel.shape[-1] // 2
-        rl = self._lateral_kernel.shape[-2] // 2
-        x = F.pad(x, (ra, ra, rl, rl), mode="replicate")
-        x = F.conv2d(F.conv2d(x, self._axial_kernel), self._lateral_kernel)
-        return x.view(batch, 2, self.n_lines, self.n_samples)
+        ra, rl = len(self._axial_kernel) // 2, len(self._lateral_kernel) // 2
+        padded = F.pad(iq, (ra, ra, rl, rl), mode="replicate")
+        axial = padded[..., : self.n_samples] * self._axial_kernel[0]
+        for k, weight in enumerate(self._axial_kernel[1:], start=1):
+            axial.add_(padded[..., k : k + self.n_samples], alpha=weight)
+        out = axial[:, :, : self.n_lines] * self._lateral_kernel[0]
+        for k, weight in enumerate(self._lateral_kernel[1:], start=1):
+            out.add_(axial[:, :, k : k + self.n_lines], alpha=weight)
+        return out
 
     def _target(self, probe_to_voxel, volume_index, target_ids):
         """Target mask in the image ``(B, H, W)`` and target area on the whole plane ``(B,)``."""
@@ -594,13 +621,19 @@ class BModeSimulator:
         ids = torch.as_tensor(target_ids, device=self.device).reshape(-1)
         if ids.dtype.is_floating_point:
             raise ValueError(f"target_ids must be integers, got {ids.dtype}")
-        points = torch.cat([self._pixel_points, self._plane_points])
-        labels = self._gather(self._label_flat, probe_to_voxel, points, volume_index, 0)
+        voxels = torch.baddbmm(
+            probe_to_voxel[:, :3, 3:],
+            probe_to_voxel[:, :3, :3],
+            self._target_points.expand(len(probe_to_voxel), 3, -1),
+        ).transpose(0, 1)  # (3, B, N)
+        labels = self._gather(self._label_flat, voxels, volume_index)
         hit = torch.isin(labels, ids.to(labels.dtype))
+        n_sector = self._n_sector
         height, width = self.sector_mask.shape
-        n_pixels = height * width
-        mask = hit[:, :n_pixels].view(-1, height, width) & self.sector_mask
-        plane_area = hit[:, n_pixels:].sum(-1).to(torch.float32) * self._plane_cell_mm2
+        mask = hit.new_zeros(hit.shape[0], height * width)
+        mask[:, self._sector_pixels] = hit[:, :n_sector]
+        mask = mask.view(-1, height, width)
+        plane_area = hit[:, n_sector:].sum(-1).to(torch.float32) * self._plane_cell_mm2
         return mask, plane_area
 
 
@@ -618,26 +651,36 @@ def _transmission(impedance: torch.Tensor, coupling: torch.Tensor, face_impedanc
     face = torch.full_like(impedance[..., :1], face_impedance)
     above = torch.cat([face, impedance[..., :-1]], dim=-1)
     reflection = (impedance - above) / (impedance + above)
-    passed = torch.cumprod(1.0 - reflection * reflection, dim=-1) * coupling[..., None]
+    passed = torch.cumprod(1.0 - reflection * reflection, dim=-1).clamp_min(_FLOOR)
+    passed = passed * coupling[..., None]
     before = torch.cat([coupling[..., None], passed[..., :-1]], dim=-1)
     return before, passed, reflection
 
 
-def _gaussian_kernel(sigma: float, device) -> torch.Tensor:
+def _pad_flat(volumes: torch.Tensor, value: int) -> torch.Tensor:
+    """``(V, I, J, K)`` volumes padded by one voxel of ``value`` on every side, flattened."""
+    padded = volumes.new_full([volumes.shape[0]] + [n + 2 for n in volumes.shape[1:]], value)
+    padded[:, 1:-1, 1:-1, 1:-1] = volumes
+    return padded.reshape(-1)
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
     radius = max(1, int(math.ceil(3.0 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     return torch.exp(-0.5 * (x / max(sigma, 1e-6)) ** 2)
 
 
+@functools.lru_cache(maxsize=8)
 def _smooth_periodic_noise(n: int, sigma_voxels: float, seed: int) -> torch.Tensor:
     """Complex Gaussian noise on a periodic n^3 grid, smoothed, ``(2, n+1, n+1, n+1)``.
 
     Real and imaginary parts each have variance 1/2; the extra last plane on every
-    axis repeats the first, so trilinear sampling of ``[0, n]`` wraps seamlessly.
+    axis repeats the first, so trilinear sampling of ``[0, n]`` wraps seamlessly. Cached:
+    simulators with the same seed share the (read-only) volumes.
     """
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((2, n, n, n), generator=generator, dtype=torch.float64)
-    k = torch.fft.fftfreq(n, dtype=torch.float64) * (2.0 * math.pi)
+    noise = torch.randn((2, n, n, n), generator=generator, dtype=torch.float32)
+    k = torch.fft.fftfreq(n, dtype=torch.float32) * (2.0 * math.pi)
     k2 = k[:, None, None] ** 2 + k[None, :, None] ** 2 + k[None, None, :] ** 2
     smooth = torch.fft.ifftn(
         torch.fft.fftn(noise, dim=(1, 2, 3)) * torch.exp(-0.5 * sigma_voxels**2 * k2), dim=(1, 2, 3)
@@ -658,7 +701,7 @@ def _unpack_volume(volume, affine, labels, device):
         if len(shapes) != 1:
             raise ValueError(f"patients must share one grid shape, got {sorted(shapes)}")
         tissue_ids = torch.as_tensor(np.stack([p.tissue_map for p in volume]))
-        labels = torch.as_tensor(np.stack([p.labels.astype(np.int32) for p in volume]))
+        labels = torch.as_tensor(np.stack([p.labels for p in volume]))
         affine = np.stack([p.affine for p in volume])
         return tissue_ids, labels, affine, device or "cpu"
     if affine is None:

@@ -15,7 +15,7 @@ from sonoray.sensors.ultrasound import BModeSettings, BModeSimulator, check_prob
 TISSUE_IDS = tissues.TISSUE_IDS
 
 
-def _slab(layers, spacing_mm=0.5, lateral_mm=260.0, depth_mm=170.0, elevation_mm=24.0):
+def _slab(layers, spacing_mm=0.5, lateral_mm=260.0, depth_mm=170.0, elevation_mm=40.0):
     """Tissue ids of horizontal layers; the probe face sits at y = 0 and looks along -y.
 
     Args:
@@ -221,7 +221,7 @@ def _speckle_correlation(sim, shift):
 
 @pytest.mark.parametrize("preset", ["convex", "linear"])
 def test_speckle_stays_correlated_for_small_moves_and_not_for_large(preset):
-    volume, affine = _slab([(0.0, "liver")], spacing_mm=1.0, elevation_mm=40.0)
+    volume, affine = _slab([(0.0, "liver")], spacing_mm=1.0)
     sim = BModeSimulator(volume, preset, affine=affine)
     for axis in range(3):
         small = [0.0, 0.0, 0.0]
@@ -274,11 +274,11 @@ def test_batch_of_volumes_equals_one_simulator_per_volume():
 
 
 def test_target_mask_has_the_cross_section_of_a_sphere():
-    volume, affine = _slab([(0.0, "liver")], spacing_mm=0.5, elevation_mm=60.0)
-    i, j, k = np.meshgrid(*(np.arange(n) for n in volume.shape), indexing="ij")
-    xyz = np.stack([i, j, k], -1) @ affine[:3, :3].T + affine[:3, 3]
+    volume, affine = _slab([(0.0, "liver")], spacing_mm=0.5, lateral_mm=100, depth_mm=100)
+    axes = [affine[a, a] * np.arange(n) + affine[a, 3] for a, n in enumerate(volume.shape)]
+    x, y, z = np.ix_(*axes)
     radius_mm = 20.0
-    sphere = np.linalg.norm(xyz - [10.0, -70.0, 0.0], axis=-1) <= radius_mm
+    sphere = (x - 10.0) ** 2 + (y + 70.0) ** 2 + z**2 <= radius_mm**2
     labels = sphere.astype(np.int16) * 7
     volume[sphere] = TISSUE_IDS["kidney"]
     sim = BModeSimulator(volume, "convex", affine=affine, labels=labels)
@@ -288,7 +288,9 @@ def test_target_mask_has_the_cross_section_of_a_sphere():
     torch.testing.assert_close(area_mm2, expected.double(), rtol=0.05, atol=0)
     assert not (frame.target_mask & ~sim.sector_mask).any()
     inside = frame.image[0][frame.target_mask[0]].float().mean()
-    outside = frame.image[0][sim.sector_mask & ~frame.target_mask[0]].float().mean()
+    x_mm, z_mm = sim.pixel_positions_mm[..., 0], sim.pixel_positions_mm[..., 2]
+    near = ((x_mm - 10.0).abs() < 45.0) & ((z_mm - 70.0).abs() < 15.0)  # beside, not beneath
+    outside = frame.image[0][sim.sector_mask & near & ~frame.target_mask[0]].float().mean()
     assert inside < outside  # kidney is less echogenic than liver
 
 
@@ -381,3 +383,62 @@ def test_bad_volumes_and_render_arguments_raise():
         sim.render(_pose(), target_ids=[1])
     with pytest.raises(ValueError, match="volume_index"):
         sim.render(_pose(), volume_index=[3])
+
+
+# ----- example CT ----------------------------------------------------------------------------
+
+
+def _skin_pose(patient, inside_mm, direction, lateral, press_mm):
+    """Probe on the skin where a ray from ``inside_mm`` leaves the body, beam along the
+    inward skin normal (from the smoothed body mask), pressed ``press_mm`` into the skin."""
+    from scipy import ndimage
+
+    inverse = np.linalg.inv(patient.affine)
+    step = np.asarray(direction, float) / np.linalg.norm(direction)
+    for distance in np.arange(0.0, 300.0, 0.5):
+        point = inside_mm + distance * step
+        ijk = tuple(np.floor(point @ inverse[:3, :3].T + inverse[:3, 3] + 0.5).astype(int))
+        if not patient.body_mask[ijk]:
+            break
+    smooth = ndimage.gaussian_filter(patient.body_mask.astype(np.float32), 2.0)
+    gradient = np.array([g[ijk] for g in np.gradient(smooth)])
+    outward = -(patient.affine[:3, :3] @ gradient)
+    outward /= np.linalg.norm(outward)
+    x_axis = np.asarray(lateral, float) - (np.asarray(lateral, float) @ outward) * outward
+    x_axis /= np.linalg.norm(x_axis)
+    pose = np.eye(4)
+    pose[:3, 0], pose[:3, 2] = x_axis, -outward
+    pose[:3, 1] = np.cross(-outward, x_axis)
+    pose[:3, 3] = point - press_mm * outward
+    return pose
+
+
+@pytest.fixture(scope="module")
+def chest_patient(chest_ct_path):
+    from sonoray.assets.ct import load_example_ct
+
+    return load_example_ct(chest_ct_path, spacing_mm=1.5)
+
+
+@pytest.mark.slow
+@pytest.mark.chest_ct
+@pytest.mark.parametrize("preset", ["convex", "linear"])
+def test_liver_through_the_right_flank_of_the_example_ct(chest_patient, preset):
+    from sonoray.sensors import us_quality
+
+    patient = chest_patient
+    liver_ids = patient.structure_ids("liver")
+    centroid = patient.centroid_mm("liver")
+    # Right flank, 45 mm below the liver's centroid, transverse plane with the marker towards
+    # the patient's right (image +x towards the left).
+    right = np.array([1.0, 0.0, 0.0])
+    lateral = np.cross([0.0, 0.0, 1.0], right)
+    pose = _skin_pose(patient, centroid + [0.0, 0.0, -45.0], right, lateral, press_mm=8.0)
+    pose = torch.tensor(pose[None], dtype=torch.float32)
+    sim = BModeSimulator(patient, preset)
+    frame = sim.render(pose, target_ids=liver_ids)
+    scores, parts = us_quality.ultrasound_quality(frame, pose)
+    liver_pixels = frame.image[0][frame.target_mask[0]].float()
+    assert parts["target_area_mm2"][0] > (1500.0 if preset == "convex" else 800.0)
+    assert 40.0 < liver_pixels.mean() < 200.0  # parenchyma is mid-grey, not black or white
+    assert scores["visibility"][0] > 0.5 and scores["confidence"][0] > 0.3
