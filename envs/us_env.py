@@ -86,10 +86,8 @@ _TARGET_FORCE_RANGE_N = (
     FORCE_DEFAULTS["max_target_force_n"][0],
 )
 _HARD_FORCE_CAP_N = FORCE_DEFAULTS["force_cap_n"][0]
-#: Distance from the table's long edge to the arm's base axis (m): far enough that the iiwa
-#: reaches a flank window with the probe horizontal (nearer, the wrist would have to sit
-#: inside the arm's own base).
-_ARM_GAP_M = 0.45
+#: The contact the probe makes by design, as ``Scene.collisions`` names it.
+_PROBE_ON_SKIN = {("patient", "skin"), ("probe_arm", "probe")}
 #: Height of each panel of the rendered frame (pixels).
 _RENDER_SIZE_PX = 256
 
@@ -124,7 +122,8 @@ class UltrasoundEnvConfig:
         start_angle_deg: (low, high) rotation angle of the start from the goal orientation.
         placement_offset_mm: Largest shift of the patient on the table along x and y.
         placement_yaw_deg: Largest rotation of the patient about the vertical.
-        gain_db_range: (low, high) B-mode gain drawn per episode; equal values fix it.
+        gain_db_range: (low, high) B-mode gain (dB) drawn per episode; ``None`` keeps the
+            simulator's default gain.
         depth_choices_mm: Imaging depths drawn per episode; empty keeps the preset's.
             Each extra depth holds one more copy of the volumes on ``device``.
         success_bonus: Reward on success.
@@ -153,7 +152,7 @@ class UltrasoundEnvConfig:
     start_angle_deg: tuple[float, float] = (10.0, 40.0)
     placement_offset_mm: float = 20.0
     placement_yaw_deg: float = 3.0
-    gain_db_range: tuple[float, float] = (12.0, 12.0)
+    gain_db_range: tuple[float, float] | None = None
     depth_choices_mm: tuple[float, ...] = ()
     success_bonus: float = 5.0
     force_penalty_per_n: float = 0.1
@@ -184,7 +183,8 @@ class UltrasoundEnvConfig:
         low, high = _check_range("comfort_force_n", self.comfort_force_n, 0.0)
         _check_range("start_distance_mm", self.start_distance_mm, 0.0)
         _check_range("start_angle_deg", self.start_angle_deg, 0.0, 90.0)
-        _check_range("gain_db_range", self.gain_db_range, -math.inf)
+        if self.gain_db_range is not None:
+            _check_range("gain_db_range", self.gain_db_range, -math.inf)
         target_low, target_high = _TARGET_FORCE_RANGE_N
         if not (
             _is_number(self.target_force_n) and target_low <= self.target_force_n <= target_high
@@ -282,7 +282,9 @@ class UltrasoundNavigationEnv(gym.Env):
         ``plane_angle_deg``, ``force_n``, ``peak_force_n`` (episode), ``safety_violation``
         (this step), ``safety_violations`` (episode count), ``termination_reason``
         (``"success"``, ``"force_cap"``, ``"max_steps"`` or ``None``), ``reachable`` (last
-        move), ``patient``, ``task``.
+        move), ``collisions`` (touching bodies other than the probe on the skin, e.g. the
+        arm against the table; reported, not terminal), ``patient``, ``task``,
+        ``gain_db``, ``depth_mm``.
 
     Args:
         render_mode: ``"rgb_array"`` or ``None``.
@@ -322,7 +324,7 @@ class UltrasoundNavigationEnv(gym.Env):
         else:
             self.pool = PatientPool(config.n_patients, config.pool_seed)
         depths_mm = config.depth_choices_mm or (self.preset.depth_mm,)
-        self.planes: tuple[StandardPlane, ...] = self._standard_planes(max(depths_mm))
+        self.planes: tuple[StandardPlane, ...] = self._standard_planes(min(depths_mm))
         self._target_ids = tuple(p.structure_ids(self.task.organ) for p in self.pool.patients)
         self._plane_areas_mm2 = tuple(
             us_quality.target_area_on_plane_mm2(
@@ -342,13 +344,11 @@ class UltrasoundNavigationEnv(gym.Env):
                 probe_arm=True,
                 probe_arm_side=self.task.acoustic_window.arm_side,
                 probe_preset=config.preset,
-                probe_arm_gap_m=_ARM_GAP_M,
+                probe_arm_gap_m=self.task.acoustic_window.arm_gap_m,
             ),
         )
         self.arm = self.scene.probe_arm
         self.arm.target_force_n = config.target_force_n
-        for index in range(len(self.pool)):
-            self.arm.exclude_from_contacts(self.scene.patient_ids[index])
         self._check_reachable()
 
         size = (config.image_size, config.image_size)
@@ -419,7 +419,6 @@ class UltrasoundNavigationEnv(gym.Env):
         index = self.pool.pick(rng)
         offset_m = rng.uniform(-1.0, 1.0, 2) * cfg.placement_offset_mm / frames.MM_PER_M
         yaw_deg = float(rng.uniform(-1.0, 1.0) * cfg.placement_yaw_deg)
-        gain_db = float(rng.uniform(*cfg.gain_db_range))
         depths = sorted(self._simulators)
         depth_mm = depths[int(rng.integers(len(depths)))]
 
@@ -427,7 +426,12 @@ class UltrasoundNavigationEnv(gym.Env):
         self.plane = self.planes[index]
         self._patient_in_world = self.scene.set_active_patient(index, offset_m, yaw_deg)
         self._simulator = self._simulators[depth_mm]
-        self._simulator.settings = dataclasses.replace(self._simulator.settings, gain_db=gain_db)
+        if cfg.gain_db_range is not None:
+            # The simulator reads its gain at render time; geometry does not depend on it.
+            gain_db = float(rng.uniform(*cfg.gain_db_range))
+            self._simulator.settings = dataclasses.replace(
+                self._simulator.settings, gain_db=gain_db
+            )
         self._start_in_patient = self._sample_start(rng)
 
         self._steps = 0
@@ -623,6 +627,15 @@ class UltrasoundNavigationEnv(gym.Env):
             "or a larger gap between target force and cap"
         )
 
+    def _collisions(self) -> list[str]:
+        """Touching body pairs other than the probe on the skin (which it indents by design),
+        as ``"body:link/body:link"``."""
+        return [
+            f"{c.body_a}:{c.link_a}/{c.body_b}:{c.link_b}"
+            for c in self.scene.collisions()
+            if {(c.body_a, c.link_a), (c.body_b, c.link_b)} != _PROBE_ON_SKIN
+        ]
+
     def _observe(self, reachable: bool, violation: bool) -> tuple[dict, dict]:
         probe_in_patient = self.probe_in_patient
         coupling = self.arm.coupling()
@@ -678,6 +691,9 @@ class UltrasoundNavigationEnv(gym.Env):
             "reachable": bool(reachable),
             "patient": self.patient_name,
             "task": self.task.name,
+            "collisions": self._collisions(),
+            "gain_db": self._simulator.settings.gain_db,
+            "depth_mm": self._simulator.depth_mm,
         }
         self._last_info = info
         return observation, info

@@ -59,12 +59,18 @@ class AcousticWindow:
             the window; the beam runs the opposite way.
         arm_side: ``"right"`` or ``"left"``: the patient's side of the table where the
             arm's base stands.
+        arm_gap_m: Distance from the table's long edge to the arm's base axis (m). A flank
+            window, held with the probe horizontal, needs the base farther out (nearer,
+            the wrist would sit inside the arm's own base); an anterior one nearer (farther,
+            the elbow runs into its limit). Both values checked with the iiwa on the
+            phantom pool and the example CT.
     """
 
     name: str
     description: str
     toward_window: tuple[float, float, float]
     arm_side: str
+    arm_gap_m: float
 
     def direction(self) -> np.ndarray:
         """``toward_window`` as a unit vector, shape ``(3,)``."""
@@ -80,12 +86,17 @@ WINDOWS: dict[str, AcousticWindow] = {
             "anterior abdomen over the liver, beam tilted 20 degrees towards the head",
             (0.0, math.cos(math.radians(20.0)), -math.sin(math.radians(20.0))),
             "right",
+            0.45,
         ),
         AcousticWindow(
-            "right_flank", "right mid-axillary line, beam towards the left", (1, 0, 0), "right"
+            "right_flank",
+            "right mid-axillary line, beam towards the left",
+            (1, 0, 0),
+            "right",
+            0.55,
         ),
         AcousticWindow(
-            "left_flank", "left mid-axillary line, beam towards the right", (-1, 0, 0), "left"
+            "left_flank", "left mid-axillary line, beam towards the right", (-1, 0, 0), "left", 0.55
         ),
     )
 }

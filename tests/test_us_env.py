@@ -267,6 +267,21 @@ def test_push_beyond_the_force_cap_terminates_with_the_reason():
 
 
 @pytest.mark.slow
+def test_gain_and_depth_are_drawn_per_episode_from_the_seed():
+    options = {"gain_db_range": (0.0, 30.0), "depth_choices_mm": (110.0, 150.0)}
+    env = gym.make(ULTRASOUND_NAVIGATION_ID, **{**_SMALL, "n_patients": 1, **options})
+    try:
+        drawn = [env.reset(seed=seed)[1] for seed in range(6)]
+        assert {info["depth_mm"] for info in drawn} == {110.0, 150.0}
+        gains = [info["gain_db"] for info in drawn]
+        assert all(0.0 <= g <= 30.0 for g in gains) and len(set(gains)) == len(gains)
+        again = env.reset(seed=3)[1]
+        assert (again["gain_db"], again["depth_mm"]) == (gains[3], drawn[3]["depth_mm"])
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
 def test_oracle_reaches_the_plane_and_beats_random(env):
     oracle, random_agent = UltrasoundOracle(), RandomAgent()
     results = {}

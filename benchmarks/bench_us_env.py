@@ -1,0 +1,227 @@
+"""UltrasoundNavigation: env steps per second, and scripted / random success rates.
+
+Run: ``python benchmarks/bench_us_env.py [--steps 300] [--episodes 50] [--ct DIR]``
+(``--ct`` defaults to ``$SONORAY_CHEST_CT``; ``--skip-success`` measures speed only).
+Prints absolute figures and ratios, and writes ``benchmarks/results/bench_us_env.json``
+(with the machine) after every part, so an interrupted run keeps what it measured.
+
+Speed: the default env (``liver_long_axis``, convex probe, 128 x 128 images, a pool of 4
+phantoms), ``torch`` on 2 threads, random actions, resets excluded. Peers in the same run,
+on the same env and poses: the B-mode render alone, the arm's move (IK, force control,
+coupling rays) alone and the quality scores alone, so the step's cost splits into its
+parts; and the same env at 64 x 64.
+
+Success: every task on the phantom pool and the example CT's liver and spleen (its
+kidneys are cut by the scan), ``--episodes`` episodes per task and agent, with the episode
+seeds of ``evaluate.py`` (:func:`sonoray.agents.evaluation.episode_seed`), so the numbers
+match an ``evaluate.py`` run with the same base seed. Reported: success rate with its 95%
+Wilson interval, median steps, largest peak force and force-cap violations.
+
+Aims: at least 30 env steps per second on 2 cores; the oracle at least 90% successful on
+every task without a force-cap violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import sonoray.envs  # noqa: F401  (registers the ids)
+from sonoray.agents import evaluation
+from sonoray.agents.statistics import summarize
+from sonoray.envs import ULTRASOUND_NAVIGATION_ID
+from sonoray.envs.us_tasks import US_TASKS
+from sonoray.sensors import us_quality
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_us_env.json"
+TARGET_STEPS_PER_S = 30.0
+TARGET_ORACLE_SUCCESS = 0.9
+CT_TASKS = ("liver_long_axis", "spleen_long_axis")
+THREADS = 2
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def _timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def _summary(seconds: list[float]) -> dict:
+    ms = np.array(seconds) * 1e3
+    return {
+        "median_ms": round(float(np.median(ms)), 3),
+        "mean_ms": round(float(ms.mean()), 3),
+        "p95_ms": round(float(np.percentile(ms, 95)), 3),
+        "n": len(ms),
+    }
+
+
+def measure_speed(steps: int, image_size: int) -> dict:
+    """Step times of the default env, and of its parts on the same poses."""
+    env = gym.make(ULTRASOUND_NAVIGATION_ID, image_size=image_size)
+    inner = env.unwrapped
+    rng = np.random.default_rng(0)
+    env.reset(seed=0)
+    step_s, render_s, move_s, quality_s, reset_s = [], [], [], [], []
+    episode = 0
+    for _ in range(steps):
+        action = rng.uniform(-1.0, 1.0, 5).astype(np.float32)
+        start = time.perf_counter()
+        _, _, terminated, truncated, _ = env.step(action)
+        step_s.append(time.perf_counter() - start)
+        if terminated or truncated:
+            episode += 1
+            reset_s += _timed(lambda: env.reset(seed=episode), 1)  # noqa: B023
+
+    # Peers on the env's final state: the same calls a step makes, one at a time.
+    pose = inner.probe_in_patient
+    coupling = inner.arm.coupling()
+    ids = inner._target_ids[inner.patient_index]
+
+    def render():
+        return inner._simulator.render(
+            pose[None], coupling[None], target_ids=ids, volume_index=[inner.patient_index]
+        )
+
+    frame = render()
+    render_s = _timed(render, steps)
+    quality_s = _timed(
+        lambda: us_quality.ultrasound_quality(
+            frame, pose, inner.plane.centroid_mm, inner.plane.normal, coupling[None]
+        ),
+        steps,
+    )
+    scale = inner._action_scale
+    move_s = _timed(lambda: inner.arm.move(*(rng.uniform(-0.2, 0.2, 5) * scale)), steps)
+    env.close()
+
+    result = {
+        "image_size": image_size,
+        "steps_per_s": round(len(step_s) / sum(step_s), 2),
+        "env_step": _summary(step_s),
+        "env_reset": _summary(reset_s) if reset_s else None,
+        "peer_bmode_render": _summary(render_s),
+        "peer_arm_move": _summary(move_s),
+        "peer_quality_scores": _summary(quality_s),
+    }
+    step_ms = result["env_step"]["median_ms"]
+    for peer in ("peer_bmode_render", "peer_arm_move", "peer_quality_scores"):
+        result[peer]["step_over_this"] = round(step_ms / result[peer]["median_ms"], 2)
+    return result
+
+
+def measure_success(episodes: int, ct: Path | None, seed: int) -> list[dict]:
+    """Success of the scripted and random agents per (pool, task)."""
+    runs = [("phantom pool", {}, tuple(US_TASKS))]
+    if ct is not None:
+        ct_kwargs = {"ct": str(ct / "ct.nii.gz"), "labels": str(ct / "labels.nii.gz")}
+        runs.append(("example CT", ct_kwargs, CT_TASKS))
+    results = []
+    with tempfile.TemporaryDirectory() as out_dir:
+        for pool, kwargs, tasks in runs:
+            config = evaluation.EvalConfig(
+                env_ids=(ULTRASOUND_NAVIGATION_ID,),
+                tasks={ULTRASOUND_NAVIGATION_ID: tasks},
+                agents=("scripted", "random"),
+                episodes=episodes,
+                seed=seed,
+                env_kwargs=kwargs,
+            )
+            records = []
+            started = time.perf_counter()
+            for job in evaluation.plan_jobs(config):
+                records.append(evaluation.run_episode(job, kwargs, out_dir))
+            for row in summarize(records):
+                row = {"pool": pool, **{k: v for k, v in row.items() if "dose" not in k}}
+                results.append(row)
+                print(
+                    f"  {pool:13s} {row['task']:24s} {row['agent']:9s} "
+                    f"{row['successes']:3d}/{row['episodes']:<3d} = {row['success_rate']:.0%} "
+                    f"(95% CI {row['success_ci95'][0]:.0%}-{row['success_ci95'][1]:.0%}), "
+                    f"median steps {row['median_steps']}, peak force "
+                    f"{row['max_peak_force_n']:.1f} N, cap violations {row['safety_violations']}"
+                )
+            print(f"  ({pool}: {time.perf_counter() - started:.0f} s)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help="timed env steps")
+    parser.add_argument("--episodes", type=int, default=50, help="episodes per task and agent")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the episode seeds")
+    parser.add_argument("--ct", type=Path, default=os.environ.get("SONORAY_CHEST_CT"))
+    parser.add_argument("--skip-success", action="store_true", help="measure speed only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+
+    report = {
+        "machine": _machine(),
+        "command": "python benchmarks/bench_us_env.py " + " ".join(sys.argv[1:]),
+    }
+
+    def save():
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"machine: {report['machine']}")
+    report["speed"] = [measure_speed(args.steps, size) for size in (128, 64)]
+    for row in report["speed"]:
+        print(
+            f"{row['image_size']:3d} px: {row['steps_per_s']:.1f} env steps/s "
+            f"(aim >= {TARGET_STEPS_PER_S:.0f}); step median {row['env_step']['median_ms']:.1f} ms"
+            f" = {row['peer_bmode_render']['step_over_this']:.1f} x render "
+            f"({row['peer_bmode_render']['median_ms']:.1f} ms), "
+            f"{row['peer_arm_move']['step_over_this']:.1f} x arm move "
+            f"({row['peer_arm_move']['median_ms']:.1f} ms), "
+            f"{row['peer_quality_scores']['step_over_this']:.1f} x quality scores "
+            f"({row['peer_quality_scores']['median_ms']:.1f} ms)"
+        )
+    save()
+
+    if not args.skip_success:
+        ct = args.ct if args.ct is not None and (args.ct / "ct.nii.gz").is_file() else None
+        if ct is None:
+            print("example CT not found (--ct or SONORAY_CHEST_CT): phantom pool only")
+        report["success"] = measure_success(args.episodes, ct, args.seed)
+        report["episodes_per_task_and_agent"] = args.episodes
+        save()
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
