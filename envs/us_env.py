@@ -13,9 +13,13 @@ reinforcement learning" (ICRA 2021), whose success thresholds (about 5 mm and 5
 degrees) are the defaults here.
 
 Limitations: the patient is rigid (the tissue spring gives force, not deformation, so
-pressing harder does not change the image); one env renders one image per step (batch
-across envs with a vector env); the start pose is sampled around the goal, not from a
-clinical scanning protocol.
+pressing harder does not change the image). The arm follows each step from its current
+joint configuration; a pose it cannot reach from there leaves the probe where it was
+(``info["reachable"]`` is False) even where another configuration would reach it. The
+force cap is a monitor on the measured force: the controller itself holds the target and
+never presses beyond its hard limit (20 N), so the cap trips on transient peaks or an
+outside push, not in steady contact. One env renders one image per step. The start pose
+is sampled around the goal, not taken from a clinical scanning protocol.
 """
 
 from __future__ import annotations
@@ -373,6 +377,12 @@ class UltrasoundNavigationEnv(gym.Env):
             [config.slide_mm, config.slide_mm, config.rotate_deg, config.tilt_deg, config.tilt_deg]
         )
         self._episode_ready = False
+        logger.debug(
+            "%s on %s: goal depths %s mm",
+            self.task.name,
+            [p.name for p in self.pool.patients],
+            [round(p.depth_mm) for p in self.planes],
+        )
 
     # ----- construction -----------------------------------------------------------------
 
@@ -613,11 +623,14 @@ class UltrasoundNavigationEnv(gym.Env):
             if not (result.reachable and result.force_converged and result.coupled_fraction > 0.5):
                 continue
             start = self.probe_in_patient
-            distance_mm, angle_deg, _ = us_quality.plane_errors(
-                start, plane.centroid_mm, plane.normal
-            )
-            # A start already inside twice the success tolerances leaves nothing to do.
-            if distance_mm > 2 * self._tolerance_mm or angle_deg > 2 * self._tolerance_deg:
+            offset_mm = float(np.linalg.norm(start[:3, 3] - goal[:3, 3]))
+            plane_mm, plane_deg, _ = us_quality.plane_errors(start, plane.centroid_mm, plane.normal)
+            # The distance holds after the press; a start already inside twice the success
+            # tolerances would leave nothing to do.
+            in_range = cfg.start_distance_mm[0] <= offset_mm <= cfg.start_distance_mm[1]
+            if in_range and (
+                plane_mm > 2 * self._tolerance_mm or plane_deg > 2 * self._tolerance_deg
+            ):
                 return start
         raise RuntimeError(
             f"no start pose for task {self.task.name!r} on patient {self.patient_name!r} after "
