@@ -216,11 +216,15 @@ class UltrasoundEnvConfig:
         for depth in self.depth_choices_mm:
             _check_positive("depth_choices_mm", depth)
         try:
-            torch.device(self.device)
+            device = torch.device(self.device)
         except (RuntimeError, TypeError) as error:
             raise ValueError(
                 f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}"
             ) from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r} asked for, but CUDA is not available; use 'cpu'"
+            )
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> UltrasoundEnvConfig:
@@ -406,7 +410,7 @@ class UltrasoundNavigationEnv(gym.Env):
             patient_in_world = self.scene.set_active_patient(index)
             result = self._place(plane.probe_in_patient, patient_in_world)
             if not result.reachable:
-                raise ValueError(
+                raise UnsupportedTaskError(
                     f"task {self.task.name!r}: the arm cannot reach the goal pose on patient "
                     f"{self.pool[index].name!r} (IK residual {result.position_error_mm:.1f} mm, "
                     f"{result.orientation_error_deg:.1f} deg)"
@@ -456,7 +460,7 @@ class UltrasoundNavigationEnv(gym.Env):
 
     def step(self, action):
         if not self._episode_ready:
-            raise RuntimeError("call reset() before step()")
+            raise RuntimeError("call reset() before step(), at the start and after an episode ends")
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (len(ACTION_NAMES),):
             raise ValueError(
@@ -486,15 +490,14 @@ class UltrasoundNavigationEnv(gym.Env):
 
         terminated = bool(info["is_success"] or violation)
         truncated = not terminated and self._steps >= self.config.max_steps
-        info["termination_reason"] = (
-            "success"
-            if info["is_success"]
-            else "force_cap"
-            if violation
-            else "max_steps"
-            if truncated
-            else None
-        )
+        reason = None
+        if info["is_success"]:
+            reason = "success"
+        elif violation:
+            reason = "force_cap"
+        elif truncated:
+            reason = "max_steps"
+        info["termination_reason"] = reason
         self._episode_ready = not (terminated or truncated)
         return observation, float(reward), terminated, truncated, info
 

@@ -40,7 +40,8 @@ SUPERIOR = np.array([0.0, 0.0, 1.0])
 
 #: Smallest angle between principal axis and beam for a well-defined plane (deg).
 MIN_AXIS_BEAM_ANGLE_DEG = 10.0
-#: Largest angle between the goal beam and the inward skin normal that still couples (deg).
+#: Largest angle between the goal beam and the inward skin normal (deg): beyond it a probe
+#: face cannot sit on the skin and couple (approx.).
 MAX_BEAM_SKIN_ANGLE_DEG = 35.0
 #: Half-width of the skin patch whose plane fit gives the skin normal (mm), about a probe face.
 SKIN_PATCH_HALF_WIDTH_MM = 10.0
@@ -137,7 +138,8 @@ US_TASKS: dict[str, UltrasoundTask] = {
     for t in (
         UltrasoundTask(
             "liver_long_axis",
-            "liver through its longest axis from below the right costal margin",
+            "liver through its longest (left-right) axis from the anterior abdomen, beam "
+            "tilted 20 degrees under the costal margin; marker to the patient's right",
             "liver",
             "anterior_subcostal",
         ),
@@ -164,7 +166,8 @@ US_TASKS: dict[str, UltrasoundTask] = {
 
 
 class UnsupportedTaskError(ValueError):
-    """A patient lacks what a task needs (the organ, a window, a reachable pose)."""
+    """A patient cannot support a task: organ missing or cut by the scan, no window on
+    the skin, organ too deep, or a goal pose the arm cannot reach."""
 
 
 @dataclass(frozen=True)

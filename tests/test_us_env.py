@@ -6,6 +6,7 @@ import gymnasium as gym
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from sonoray.agents.random_agent import RandomAgent
 from sonoray.agents.us_oracle import UltrasoundOracle
@@ -154,6 +155,12 @@ def test_unknown_task_name_lists_known_tasks():
 def test_bad_configuration_names_the_value_and_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=message):
         UltrasoundEnvConfig.from_kwargs(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="'cuda' asked for, but CUDA is not available"):
+        UltrasoundEnvConfig.from_kwargs(device="cuda")
 
 
 def test_gym_make_passes_options_and_rejects_unknown_ones():
