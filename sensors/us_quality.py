@@ -24,8 +24,8 @@ Each score is computed per batch item from a :class:`~sonoray.sensors.ultrasound
 
 Limitations: gCNR from histograms is biased upwards when the target covers few pixels
 (sparse histograms overlap little); the default 32 bins keep this small above about a
-hundred pixels. Scores read the rendered image only, so a target hidden in a shadow is
-visible in ``visibility`` and penalised by ``contrast`` and ``confidence``.
+hundred pixels. ``visibility`` is geometric (it reads labels, not the image), so a target
+hidden in a shadow still counts as visible there; ``contrast`` and ``confidence`` penalise it.
 """
 
 from __future__ import annotations
