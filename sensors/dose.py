@@ -4,8 +4,9 @@ Tube output (air kerma per mAs at 1 m) comes from the Kramers spectrum of
 :mod:`sonoray.sensors.xray_physics` weighted by the energy absorption of air, scaled to one
 calibration point: ``TUBE_OUTPUT_UGY_PER_MAS_AT_1M`` at 80 kVp with the default filtration.
 The model then gives about 28 uGy/mAs at 60 kVp and 108 uGy/mAs at 120 kVp, the range that
-FACTS.md quotes for diagnostic tubes (about 30-100 uGy/mAs, 60-120 kVp; the same order as
-``spekpy`` computes); more filtration lowers it as the spectrum predicts.
+FACTS.md quotes for diagnostic tubes (about 30-100 uGy/mAs, 60-120 kVp), and a first
+half-value layer of 3.0 mm Al at 80 kVp (the minimum allowed for new tubes is 2.9 mm Al, US
+21 CFR 1020.30); more filtration lowers the output as the spectrum predicts.
 
 DAP = air kerma x irradiated area in any plane across the beam. Air kerma falls with the
 inverse square of the distance and the area grows with its square, so DAP does not depend on
@@ -19,6 +20,8 @@ the collimated rectangle given by the geometry.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -54,6 +57,11 @@ def _relative_output(kvp, filtration_mm_al) -> np.ndarray:
     return emitted * (photons * xray_physics.air_kerma_per_photon(energy)).sum(-1)
 
 
+@functools.cache
+def _calibration_output() -> float:
+    return float(_relative_output(CALIBRATION_KVP, None)[0])
+
+
 def tube_output_ugy_per_mas(kvp, filtration_mm_al=None) -> np.ndarray:
     """Air kerma per mAs at 1 m (uGy/mAs), free in air.
 
@@ -64,8 +72,8 @@ def tube_output_ugy_per_mas(kvp, filtration_mm_al=None) -> np.ndarray:
     Returns:
         (B,) tube output.
     """
-    ref = _relative_output(CALIBRATION_KVP, None)
-    return TUBE_OUTPUT_UGY_PER_MAS_AT_1M * _relative_output(kvp, filtration_mm_al) / ref
+    relative = _relative_output(kvp, filtration_mm_al) / _calibration_output()
+    return TUBE_OUTPUT_UGY_PER_MAS_AT_1M * relative
 
 
 def air_kerma_ugy(kvp, mas, distance_mm, filtration_mm_al=None) -> np.ndarray:

@@ -16,7 +16,8 @@ them on the device, and renders batches of polychromatic, optionally noisy radio
 
 Limitations: rays sample pixel centres (no detector-area integration, no focal-spot blur);
 rays between two dominant axes (45 degrees to both) step 1 voxel along each (Joseph's usual
-sampling); a downsampled volume (``max_voxel_mm``) trades detail for speed.
+sampling); a downsampled volume (``max_voxel_mm``) trades detail for speed; volumes are not
+checked for NaN (a NaN voxel spoils the rays that cross it).
 """
 
 from __future__ import annotations
@@ -32,8 +33,12 @@ from sonoray.assets import tissues
 from sonoray.sensors import dose, xray_physics
 from sonoray.sensors.xray_geometry import XRayGeometry
 
-#: Elements (planes x rays x channels) sampled per grid_sample call; bounds working memory.
-SAMPLES_PER_BLOCK = 1 << 22
+#: Elements (planes x rays x channels) sampled per grid_sample call, by device type: small
+#: blocks stay in CPU caches, large ones keep a GPU busy; both bound working memory.
+SAMPLES_PER_BLOCK = {"cpu": 1 << 20, "cuda": 1 << 26}
+
+#: Least planes per grid_sample call per thread (its CPU kernel runs planes in parallel).
+PLANES_PER_THREAD = 2
 
 #: |det| of the affine's 3 x 3 part below which it counts as singular (mm^3 per voxel).
 MIN_VOXEL_VOLUME_MM3 = 1e-9
@@ -86,11 +91,10 @@ class VolumeProjector:
             raise ValueError(
                 f"volume must be (C, I, J, K) or (P, C, I, J, K), got {tuple(vol.shape)}"
             )
-        if not vol.is_floating_point():
-            vol = vol.float()
         self.volume = vol.float().contiguous()  # (P, C, I, J, K)
-        self.affine = _as_affines(affine, vol.shape[0], vol.device).float()
-        self.inverse_affine = torch.linalg.inv(self.affine.double()).float()
+        affine64 = _as_affines(affine, vol.shape[0], vol.device)
+        self.affine = affine64.float()
+        self.inverse_affine = torch.linalg.inv(affine64).float()
         self._stacks: dict[int, torch.Tensor] = {}
 
     @property
@@ -108,9 +112,10 @@ class VolumeProjector:
     def plane_axes(self, axis: int) -> tuple[int, int]:
         """The in-plane voxel axes ``(b, c)`` of the planes across ``axis``: rows, columns.
 
-        Images are shown head up, so neighbouring pixels of a row lie across the patient's
-        long axis; making that voxel axis the planes' contiguous one (``c``) keeps
-        consecutive samples in one cache line. The speed depends on it, the result does not.
+        Images are shown head up, so the pixels of one image row lie across the patient's
+        long axis. The voxel axis nearest the long axis (anterior-posterior for axial beams)
+        becomes the planes' rows ``b`` and the other one their contiguous columns ``c``, so
+        consecutive rays sample neighbouring memory. Only speed depends on this choice.
         """
         b, c = [a for a in range(3) if a != axis]
         direction = self.affine[0, :3, :3].abs()  # (3 patient axes, 3 voxel axes)
@@ -223,7 +228,11 @@ class VolumeProjector:
         first = max(0, int(torch.floor(lo.min() + 0.5)))
         last = min(n_planes - 1, int(torch.ceil(hi.max() - 0.5)))
         n_rays = s.shape[0]
-        block = max(1, min(last - first + 1, SAMPLES_PER_BLOCK // (n_rays * max(self.channels, 2))))
+        block = max(
+            PLANES_PER_THREAD * torch.get_num_threads(),
+            SAMPLES_PER_BLOCK.get(s.device.type, 1 << 20) // (n_rays * max(self.channels, 2)),
+        )
+        block = min(block, last - first + 1)
         grid = torch.empty(block, n_rays, 2, device=s.device)
         weight = torch.empty(block, n_rays, device=s.device)
         acc = torch.zeros(self.channels, n_rays, device=s.device)
