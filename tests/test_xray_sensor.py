@@ -136,6 +136,17 @@ def test_line_integral_of_a_uniform_box_is_the_chord(beam):
     assert out[0, 1, 8, 8].item() == pytest.approx(3 * chord, rel=1e-4)
 
 
+def test_one_volume_per_batch_item():
+    g = XRayGeometry.cat([ap_geometry(pixels=9, detector_mm=20)] * 3)
+    vols = torch.ones(3, 1, N, N, N) * torch.tensor([1.0, 2.0, 5.0])[:, None, None, None, None]
+    out = line_integrals(vols, grid_affine(), g)[:, 0, 4, 4]
+    assert torch.allclose(out, torch.tensor([1.0, 2.0, 5.0]) * N * SPACING_MM, rtol=1e-4)
+    picked = VolumeProjector(vols, grid_affine()).line_integrals(g, volume_index=[2, 2, 0])
+    assert torch.allclose(
+        picked[:, 0, 4, 4], torch.tensor([5.0, 5.0, 1.0]) * N * SPACING_MM, rtol=1e-4
+    )
+
+
 def test_source_or_detector_inside_the_volume_integrates_only_between_them():
     vol, aff = torch.ones(1, N, N, N), grid_affine()
     half = N * SPACING_MM / 2  # box from -40 to 40 mm
