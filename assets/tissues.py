@@ -29,6 +29,7 @@ SOURCES = {
     "Goss": "Goss, Johnston & Dunn 1978/1980 and Mast 2000, as compiled in "
     "Mech. Mater. 2012, Table 3",
     "ICRU46": "ICRU Report 46 (1992): tissue densities",
+    "Duck": "Duck 1990, Physical Properties of Tissue, ch. 4 (hyaline cartilage; approx.)",
     "CT": "Typical unenhanced adult CT numbers (radiology teaching references)",
     "Clinical": "Relative B-mode echogenicity from clinical convention (approx.)",
 }
@@ -91,6 +92,7 @@ TISSUES: tuple[Tissue, ...] = (
     Tissue("stomach", 25, (0, 50), 1.03, "soft_tissue", 1540, 1.60, 0.6, 0.30, "D23 (wall)"),
     Tissue("cancellous_bone", 300, (200, 400), 1.18, "soft_tissue", 2500, 4.5, 10.0, 0.9, "S23"),
     Tissue("cortical_bone", 1100, (700, 1500), 1.85, "bone", 3500, 7.0, 15.0, 1.0, "D23; S23"),
+    Tissue("cartilage", 120, (60, 250), 1.10, "soft_tissue", 1660, 1.83, 1.5, 0.25, "Duck"),
 )
 # fmt: on
 
@@ -136,8 +138,9 @@ _STRUCTURE_TISSUE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"^(gallbladder|urinary_bladder)$", "fluid"),
     (r"^heart", "blood"),
     (r"aorta|vena_cava|artery|vein|atrial_appendage|^brachiocephalic_trunk$", "blood"),
+    (r"^costal_cartilages$", "cartilage"),
     (
-        r"^(vertebrae_|rib_|sternum|sacrum|hip_|scapula_|clavicula_|humerus_|femur_|skull|costal_cartilages)",
+        r"^(vertebrae_|rib_|sternum|sacrum|hip_|scapula_|clavicula_|humerus_|femur_|skull)",
         "cortical_bone",
     ),
     (r"^(autochthon_|iliopsoas_|gluteus_|muscle)", "muscle"),

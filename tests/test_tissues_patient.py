@@ -105,3 +105,10 @@ def test_patient_rejects_mismatched_arrays():
         Patient("bad", p.hu, p.labels[:-1], p.label_names, p.affine, p.body_mask)
     with pytest.raises(ValueError, match="3-D"):
         Patient("bad", p.hu[0], p.labels[0], p.label_names, p.affine, p.body_mask[0])
+
+
+def test_costal_cartilage_transmits_ultrasound_unlike_bone():
+    assert tissues.tissue_of_structure("costal_cartilages") == "cartilage"
+    assert (
+        _reflection("soft_tissue", "cartilage") < 0.01 < _reflection("soft_tissue", "cortical_bone")
+    )
