@@ -14,7 +14,13 @@ Limitations: joints move instantly; collisions are checked at sub-steps of at mo
 ``COLLISION_SUBSTEP_MM`` and ``COLLISION_SUBSTEP_DEG`` along each step's straight joint
 path, so a contact between two sub-steps is missed only for parts thinner than that; a
 collision stops the C-arm where it was first detected and the exposure is still taken
-there; the detector is fully collimated open (the field is the whole detector).
+there; the collimator is open (the field is the whole detector). The C-arm has no
+wig-wag (rotation about the vertical), so a lateral view cannot follow the patient's
+yaw: the best reachable beam misses it by about yaw x sin(45 deg) (see
+:func:`reachable_beam_joints`), which is why the default yaw is at most 3 degrees
+(2.1 degrees off at worst, inside the 3 degree tolerance). Success needs the whole
+centring target inside the field, so a target whose projection nearly fills the field
+and lies off-centre about its centroid cannot succeed (see the task table).
 """
 
 from __future__ import annotations

@@ -248,6 +248,7 @@ def test_observation_and_info_contents(env):
     }
 
 
+@pytest.mark.slow
 def test_same_seed_same_episode():
     # Two envs built apart, one episode each (6 exposures keeps it short), bit for bit.
     short = dict(SMALL, max_exposures=6)
@@ -362,6 +363,7 @@ def test_oracle_reaches_the_view(fixture, request):
 
 
 @pytest.mark.chest_ct
+@pytest.mark.slow
 def test_oracle_on_the_example_ct(chest_ct_path):
     e = gym.make(XRAY_POSITIONING_ID, task="chest_ap", ct=str(chest_ct_path), image_size=64)
     try:
