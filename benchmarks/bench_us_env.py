@@ -1,6 +1,7 @@
 """UltrasoundNavigation: env steps per second, and scripted / random success rates.
 
-Run: ``python benchmarks/bench_us_env.py [--steps 300] [--episodes 50] [--ct DIR]``
+Run: ``python benchmarks/bench_us_env.py [--steps 300] [--episodes 50] [--random-episodes 20]
+[--ct DIR]``
 (``--ct`` defaults to ``$SONORAY_CHEST_CT``; ``--skip-success`` measures speed only).
 Prints absolute figures and ratios, and writes ``benchmarks/results/bench_us_env.json``
 (with the machine) after every part, so an interrupted run keeps what it measured.
@@ -8,11 +9,13 @@ Prints absolute figures and ratios, and writes ``benchmarks/results/bench_us_env
 Speed: the default env (``liver_long_axis``, convex probe, 128 x 128 images, a pool of 4
 phantoms), ``torch`` on 2 threads, random actions, resets excluded. Peers in the same run,
 on the same env and poses: the B-mode render alone, the arm's move (IK, force control,
-coupling rays) alone and the quality scores alone, so the step's cost splits into its
-parts; and the same env at 64 x 64.
+coupling rays, full-range random commands) alone, the quality scores alone and the
+collision check alone, so the step's cost splits into its parts; and the same env at
+64 x 64.
 
 Success: every task on the phantom pool and the example CT's liver and spleen (its
-kidneys are cut by the scan), ``--episodes`` episodes per task and agent, with the episode
+kidneys are cut by the scan), ``--episodes`` scripted and ``--random-episodes`` random
+episodes per task (a random episode runs all 100 steps, the cost), with the episode
 seeds of ``evaluate.py`` (:func:`sonoray.agents.evaluation.episode_seed`), so the numbers
 match an ``evaluate.py`` run with the same base seed. Reported: success rate with its 95%
 Wilson interval, median steps, largest peak force and force-cap violations.
@@ -48,6 +51,7 @@ TARGET_STEPS_PER_S = 30.0
 TARGET_ORACLE_SUCCESS = 0.9
 CT_TASKS = ("liver_long_axis", "spleen_long_axis")
 THREADS = 2
+PEERS = ("peer_bmode_render", "peer_arm_move", "peer_quality_scores", "peer_collision_check")
 
 
 def _machine() -> dict:
@@ -124,8 +128,9 @@ def measure_speed(steps: int, image_size: int) -> dict:
         ),
         steps,
     )
+    collisions_s = _timed(inner.scene.collisions, steps)
     scale = inner._action_scale
-    move_s = _timed(lambda: inner.arm.move(*(rng.uniform(-0.2, 0.2, 5) * scale)), steps)
+    move_s = _timed(lambda: inner.arm.move(*(rng.uniform(-1.0, 1.0, 5) * scale)), steps)
     env.close()
 
     result = {
@@ -136,15 +141,16 @@ def measure_speed(steps: int, image_size: int) -> dict:
         "peer_bmode_render": _summary(render_s),
         "peer_arm_move": _summary(move_s),
         "peer_quality_scores": _summary(quality_s),
+        "peer_collision_check": _summary(collisions_s),
     }
     step_ms = result["env_step"]["median_ms"]
-    for peer in ("peer_bmode_render", "peer_arm_move", "peer_quality_scores"):
+    for peer in PEERS:
         result[peer]["step_over_this"] = round(step_ms / result[peer]["median_ms"], 2)
     return result
 
 
-def measure_success(episodes: int, ct: Path | None, seed: int) -> list[dict]:
-    """Success of the scripted and random agents per (pool, task)."""
+def measure_success(episodes: dict[str, int], ct: Path | None, seed: int) -> list[dict]:
+    """Success of the scripted and random agents (episodes per agent) per (pool, task)."""
     runs = [("phantom pool", {}, tuple(US_TASKS))]
     if ct is not None:
         ct_kwargs = {"ct": str(ct / "ct.nii.gz"), "labels": str(ct / "labels.nii.gz")}
@@ -152,18 +158,19 @@ def measure_success(episodes: int, ct: Path | None, seed: int) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as out_dir:
         for pool, kwargs, tasks in runs:
-            config = evaluation.EvalConfig(
-                env_ids=(ULTRASOUND_NAVIGATION_ID,),
-                tasks={ULTRASOUND_NAVIGATION_ID: tasks},
-                agents=("scripted", "random"),
-                episodes=episodes,
-                seed=seed,
-                env_kwargs=kwargs,
-            )
             records = []
             started = time.perf_counter()
-            for job in evaluation.plan_jobs(config):
-                records.append(evaluation.run_episode(job, kwargs, out_dir))
+            for agent, n in episodes.items():
+                config = evaluation.EvalConfig(
+                    env_ids=(ULTRASOUND_NAVIGATION_ID,),
+                    tasks={ULTRASOUND_NAVIGATION_ID: tasks},
+                    agents=(agent,),
+                    episodes=n,
+                    seed=seed,
+                    env_kwargs=kwargs,
+                )
+                for job in evaluation.plan_jobs(config):
+                    records.append(evaluation.run_episode(job, kwargs, out_dir))
             for row in summarize(records):
                 row = {"pool": pool, **{k: v for k, v in row.items() if "dose" not in k}}
                 results.append(row)
@@ -181,7 +188,10 @@ def measure_success(episodes: int, ct: Path | None, seed: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="timed env steps")
-    parser.add_argument("--episodes", type=int, default=50, help="episodes per task and agent")
+    parser.add_argument("--episodes", type=int, default=50, help="scripted episodes per task")
+    parser.add_argument(
+        "--random-episodes", type=int, default=20, help="random-agent episodes per task"
+    )
     parser.add_argument("--seed", type=int, default=0, help="base seed of the episode seeds")
     parser.add_argument("--ct", type=Path, default=os.environ.get("SONORAY_CHEST_CT"))
     parser.add_argument("--skip-success", action="store_true", help="measure speed only")
@@ -194,21 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def save():
+        report["machine"]["load_average_1min_at_save"] = round(os.getloadavg()[0], 2)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"machine: {report['machine']}")
     report["speed"] = [measure_speed(args.steps, size) for size in (128, 64)]
     for row in report["speed"]:
+        parts = ", ".join(
+            f"{row[p]['step_over_this']:.1f} x {p[5:]} ({row[p]['median_ms']:.1f} ms)"
+            for p in PEERS
+        )
         print(
             f"{row['image_size']:3d} px: {row['steps_per_s']:.1f} env steps/s "
             f"(aim >= {TARGET_STEPS_PER_S:.0f}); step median {row['env_step']['median_ms']:.1f} ms"
-            f" = {row['peer_bmode_render']['step_over_this']:.1f} x render "
-            f"({row['peer_bmode_render']['median_ms']:.1f} ms), "
-            f"{row['peer_arm_move']['step_over_this']:.1f} x arm move "
-            f"({row['peer_arm_move']['median_ms']:.1f} ms), "
-            f"{row['peer_quality_scores']['step_over_this']:.1f} x quality scores "
-            f"({row['peer_quality_scores']['median_ms']:.1f} ms)"
+            f" = {parts}"
         )
     save()
 
@@ -216,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         ct = args.ct if args.ct is not None and (args.ct / "ct.nii.gz").is_file() else None
         if ct is None:
             print("example CT not found (--ct or SONORAY_CHEST_CT): phantom pool only")
-        report["success"] = measure_success(args.episodes, ct, args.seed)
-        report["episodes_per_task_and_agent"] = args.episodes
+        episodes = {"scripted": args.episodes, "random": args.random_episodes}
+        report["episodes_per_task"] = episodes
+        report["success"] = measure_success(episodes, ct, args.seed)
         save()
     print(f"wrote {RESULTS}")
     return 0
