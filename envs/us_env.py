@@ -693,7 +693,9 @@ class UltrasoundNavigationEnv(gym.Env):
         )
         state[7:] = self._last_action
         np.clip(state, _STATE_LOW, _STATE_HIGH, out=state)
-        observation = {"image": frame.image.cpu().numpy()[:, :, :].copy(), "state": state}
+        # The renderer's (B=1, H, W) is the observation's (C=1, H, W); copied, since a
+        # renderer may reuse its output buffer.
+        observation = {"image": frame.image.cpu().numpy().copy(), "state": state}
         info = {
             "is_success": bool(success),
             "scores": scores,
