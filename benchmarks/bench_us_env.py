@@ -2,9 +2,10 @@
 
 Run: ``python benchmarks/bench_us_env.py [--steps 300] [--episodes 50] [--random-episodes 20]
 [--ct DIR]``
-(``--ct`` defaults to ``$SONORAY_CHEST_CT``; ``--skip-success`` measures speed only).
-Prints absolute figures and ratios, and writes ``benchmarks/results/bench_us_env.json``
-(with the machine) after every part, so an interrupted run keeps what it measured.
+(``--ct`` defaults to ``$SONORAY_CHEST_CT``; ``--skip-success`` / ``--skip-speed`` run one
+part). Prints absolute figures and ratios, and writes ``benchmarks/results/bench_us_env.json``
+after every part, each part with the machine, its load and the command; a part not run
+keeps its last record.
 
 Speed: the default env (``liver_long_axis``, convex probe, 128 x 128 images, a pool of 4
 phantoms), ``torch`` on 2 threads, random actions, resets excluded. Peers in the same run,
@@ -68,7 +69,6 @@ def _machine() -> dict:
         "cpu": cpu,
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
@@ -194,42 +194,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="base seed of the episode seeds")
     parser.add_argument("--ct", type=Path, default=os.environ.get("SONORAY_CHEST_CT"))
+    parser.add_argument("--skip-speed", action="store_true", help="measure success only")
     parser.add_argument("--skip-success", action="store_true", help="measure speed only")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
+    command = "python benchmarks/bench_us_env.py " + " ".join(sys.argv[1:])
+    print(f"machine: {_machine()}")
 
-    report = {
-        "machine": _machine(),
-        "command": "python benchmarks/bench_us_env.py " + " ".join(sys.argv[1:]),
-    }
+    # Each part keeps its machine state and command; a run that skips a part keeps the
+    # part last recorded.
+    report = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
 
-    def save():
-        report["machine"]["load_average_1min_at_save"] = round(os.getloadavg()[0], 2)
+    def save(part: str, rows: list[dict], load_at_start: float, **extra) -> None:
+        machine = {
+            **_machine(),
+            "load_average_1min_at_start": load_at_start,
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        }
+        report[part] = {"machine": machine, "command": command, **extra, "rows": rows}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"machine: {report['machine']}")
-    report["speed"] = [measure_speed(args.steps, size) for size in (128, 64)]
-    for row in report["speed"]:
-        parts = ", ".join(
-            f"{row[p]['step_over_this']:.1f} x {p[5:]} ({row[p]['median_ms']:.1f} ms)"
-            for p in PEERS
-        )
-        print(
-            f"{row['image_size']:3d} px: {row['steps_per_s']:.1f} env steps/s "
-            f"(aim >= {TARGET_STEPS_PER_S:.0f}); step median {row['env_step']['median_ms']:.1f} ms"
-            f" = {parts}"
-        )
-    save()
+    if not args.skip_speed:
+        load_at_start = os.getloadavg()[0]
+        rows = [measure_speed(args.steps, size) for size in (128, 64)]
+        for row in rows:
+            parts = ", ".join(
+                f"{row[p]['step_over_this']:.1f} x {p[5:]} ({row[p]['median_ms']:.1f} ms)"
+                for p in PEERS
+            )
+            print(
+                f"{row['image_size']:3d} px: {row['steps_per_s']:.1f} env steps/s (aim >= "
+                f"{TARGET_STEPS_PER_S:.0f}); step median {row['env_step']['median_ms']:.1f} ms"
+                f" = {parts}"
+            )
+        save("speed", rows, round(load_at_start, 2))
 
     if not args.skip_success:
         ct = args.ct if args.ct is not None and (args.ct / "ct.nii.gz").is_file() else None
         if ct is None:
             print("example CT not found (--ct or SONORAY_CHEST_CT): phantom pool only")
         episodes = {"scripted": args.episodes, "random": args.random_episodes}
-        report["episodes_per_task"] = episodes
-        report["success"] = measure_success(episodes, ct, args.seed)
-        save()
+        load_at_start = os.getloadavg()[0]
+        rows = measure_success(episodes, ct, args.seed)
+        save("success", rows, round(load_at_start, 2), episodes_per_task=episodes)
     print(f"wrote {RESULTS}")
     return 0
 
