@@ -43,6 +43,9 @@ PLANES_PER_THREAD = 2
 #: |det| of the affine's 3 x 3 part below which it counts as singular (mm^3 per voxel).
 MIN_VOXEL_VOLUME_MM3 = 1e-9
 
+#: Largest in-plane drift (voxels) of a ray across one slab for slab sampling to be used.
+MAX_SLAB_DRIFT_VOXELS = 2.0
+
 #: Density x mm -> g/cm^2.
 MM_TO_CM = 0.1
 
@@ -84,7 +87,9 @@ class VolumeProjector:
             Joseph sampling). Rays cross a stack's planes nearly head-on, so averaging along
             that axis alone keeps the detector's resolution while cutting the samples: the
             error is second order in the ray's in-plane drift across a slab (its first-order
-            part cancels about the slab's centre) plus the tilt of structures within it.
+            part cancels about the slab's centre) plus the tilt of structures within it. An
+            exposure whose rays drift more than ``MAX_SLAB_DRIFT_VOXELS`` across a slab
+            (oblique beams) is sampled plane by plane instead.
 
     Memory: each axis used keeps a copy of the volume(s) as a stack of planes.
     """
@@ -111,7 +116,7 @@ class VolumeProjector:
         affine64 = _as_affines(affine, vol.shape[0], vol.device)
         self.affine = affine64.float()
         self.inverse_affine = torch.linalg.inv(affine64).float()
-        self._stacks: dict[int, torch.Tensor] = {}
+        self._stacks: dict[tuple[int, int], torch.Tensor] = {}
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
@@ -140,24 +145,24 @@ class VolumeProjector:
             b, c = c, b
         return b, c
 
-    def plane_stack(self, axis: int) -> torch.Tensor:
+    def plane_stack(self, axis: int, thick: int = 1) -> torch.Tensor:
         """Volumes as 2-D planes across ``axis``: (N_slabs, C, n_b, P * (n_c + 2)).
 
-        Each plane averages ``slab_voxels[axis]`` voxel planes (the last one those left).
+        Each plane averages ``thick`` voxel planes (the last one those left).
         ``(b, c)`` are :meth:`plane_axes`; the volumes sit side by side along ``c``, each with
         one replicated column on both sides so bilinear sampling never mixes two volumes and
         the half voxel at the box's edge takes the edge voxel's value.
         """
-        if axis not in self._stacks:
+        if (axis, thick) not in self._stacks:
             p, c = self.num_volumes, self.channels
             b_ax, c_ax = self.plane_axes(axis)
             v = self.volume.permute(2 + axis, 0, 1, 2 + b_ax, 2 + c_ax)  # (N_a, P, C, n_b, n_c)
-            v = _average_planes(v, self.slab_voxels[axis])
+            v = _average_planes(v, thick)
             v = torch.cat([v[..., :1], v, v[..., -1:]], dim=-1)
             n_a, n_b, n_c2 = v.shape[0], v.shape[3], v.shape[4]
             v = v.permute(0, 2, 3, 1, 4).reshape(n_a, c, n_b, p * n_c2)
-            self._stacks[axis] = v.contiguous()
-        return self._stacks[axis]
+            self._stacks[(axis, thick)] = v.contiguous()
+        return self._stacks[(axis, thick)]
 
     def line_integrals(self, geometry: XRayGeometry, volume_index=None) -> torch.Tensor:
         """Integrals of each channel along every pixel's ray (quantity x mm).
@@ -178,14 +183,25 @@ class VolumeProjector:
         index = self._volume_index(volume_index, b)
         rays = _Rays.through(geometry, self.inverse_affine[index], self.grid_shape, index)
 
+        # Slabs only for exposures whose rays drift little across one (decided per exposure,
+        # so that a batch renders each item as it would alone).
+        thick = torch.tensor(self.slab_voxels, device=dev)[rays.axis]  # (R,)
+        if (thick > 1).any():
+            drift = (rays.drift * thick).view(b, -1, 1)
+            axes = rays.axis.view(b, -1, 1) == torch.arange(3, device=dev)  # (B, n, 3)
+            worst = torch.where(axes, drift, torch.zeros_like(drift)).amax(1)  # (B, 3)
+            too_oblique = worst > MAX_SLAB_DRIFT_VOXELS
+            exact = too_oblique.gather(1, rays.axis.view(b, -1)).reshape(-1)
+            thick = torch.where(exact, torch.ones_like(thick), thick)
+
         out = torch.zeros(self.channels, b * rows * cols, device=dev)
-        for axis in range(3):
-            chosen = rays.axis == axis
+        groups = torch.unique(rays.axis * 1000 + thick).tolist()
+        for key in groups:
+            axis, t = divmod(int(key), 1000)
+            chosen = (rays.axis == axis) & (thick == t)
             count = int(chosen.sum())
-            if count == 0:
-                continue
             subset = None if count == rays.axis.numel() else chosen.nonzero().squeeze(1)
-            out_axis = self._integrate_axis(rays, axis, subset)
+            out_axis = self._integrate_axis(rays, axis, subset, t)
             if subset is None:
                 out = out_axis
             else:
@@ -210,9 +226,9 @@ class VolumeProjector:
             )
         return idx
 
-    def _integrate_axis(self, rays: _Rays, axis: int, subset) -> torch.Tensor:
+    def _integrate_axis(self, rays: _Rays, axis: int, subset, thick: int) -> torch.Tensor:
         """(C, R) integrals of the rays (all, or ``subset``) whose dominant axis is ``axis``."""
-        stack = self.plane_stack(axis)
+        stack = self.plane_stack(axis, thick)
         n_planes, _, n_b, width = stack.shape
         b_ax, c_ax = self.plane_axes(axis)
         n_c = self.grid_shape[c_ax]
@@ -231,7 +247,6 @@ class VolumeProjector:
         lo = torch.minimum(q0, q1)
         hi = torch.where(empty, lo, torch.maximum(q0, q1))
         # Slabs of ``thick`` planes: slab index q' = (q - centre) / thick.
-        thick = self.slab_voxels[axis]
         centre = (thick - 1) / 2
         lo, hi = (lo - centre) / thick, (hi - centre) / thick
         mm_per_plane = pick(rays.length_mm) / d_a.abs() * thick
@@ -306,6 +321,7 @@ class _Rays:
     t_enter: torch.Tensor  # (R,) ray parameter where the clipped segment starts, in [0, 1]
     t_exit: torch.Tensor  # (R,) ... and ends (<= t_enter: the ray misses the volume)
     axis: torch.Tensor  # (R,) dominant voxel axis
+    drift: torch.Tensor  # (R,) largest in-plane voxel step per plane of the dominant axis
     volume: torch.Tensor  # (R,) volume index
 
     @classmethod
@@ -340,13 +356,18 @@ class _Rays:
         t_enter = t_near.amax(-1).clamp(min=0.0)
         t_exit = t_far.amin(-1).clamp(max=1.0)
 
+        steps = delta.abs()
+        longest, axis = steps.max(-1)
+        # Largest step along the other two axes per plane: the second largest component.
+        drift = (steps.sum(-1) - longest - steps.min(-1).values) / longest
         return cls(
             start=s.reshape(-1, 3),
             delta=delta.reshape(-1, 3),
             length_mm=length_mm.reshape(-1),
             t_enter=t_enter.reshape(-1),
             t_exit=t_exit.reshape(-1),
-            axis=delta.abs().argmax(-1).reshape(-1),
+            axis=axis.reshape(-1),
+            drift=drift.reshape(-1),
             volume=volume_index[:, None].expand(b, n).reshape(-1),
         )
 
@@ -467,9 +488,10 @@ class XRaySensor:
             accurate while voxels stay smaller than the pixels' footprint in the patient.
         slab_mm: If given, each ray samples slabs about this thick across its dominant axis
             (``VolumeProjector``'s ``slab_voxels``) instead of single voxel planes, keeping the
-            full resolution across the beam: e.g. 3.0 averages 4 planes of 0.7 mm. Accurate
-            for beams within about 15 degrees of a voxel axis (AP, PA, lateral views); more
-            oblique beams see the slab's content blurred along their drift across it.
+            full resolution across the beam: e.g. 3.0 averages 4 planes of 0.7 mm. For beams
+            near a voxel axis (AP, PA, lateral views); an exposure whose rays drift more than
+            ``MAX_SLAB_DRIFT_VOXELS`` across a slab (with 4-plane slabs, beyond about 25
+            degrees off the axis) is sampled plane by plane, exactly, at the usual cost.
         structure_ids: Optional ``name -> label ids`` resolver per patient (e.g.
             ``Patient.structure_ids``), so that groups like ``"lungs"`` resolve.
     """

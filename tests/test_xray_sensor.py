@@ -173,6 +173,12 @@ def test_slabs_across_a_near_axial_beam_match_exact_sampling_on_smooth_anatomy()
     hit = exact > 1.0
     error = ((slabs - exact).abs() / exact)[hit]
     assert error.mean() < 2e-3 and error.max() < 0.03
+    # An oblique exposure falls back to plane-by-plane sampling, also inside a batch.
+    oblique = XRayGeometry.from_isocentre([0, 0, 0], [0.6, 1, 0], pixels=24, detector_mm=150)
+    both = XRayGeometry.cat([g, oblique])
+    batch = VolumeProjector(smooth, grid_affine(), (4, 4, 4)).line_integrals(both)
+    assert torch.equal(batch[1], line_integrals(smooth, grid_affine(), oblique)[0])
+    assert torch.allclose(batch[0], slabs[0], rtol=1e-5)
     with pytest.raises(ValueError, match="slab_voxels"):
         VolumeProjector(smooth, grid_affine(), (0, 1, 1))
     with pytest.raises(ValueError, match="slab_voxels"):
