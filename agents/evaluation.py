@@ -10,6 +10,7 @@ in flight, and ``resume`` skips those already written.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -145,6 +146,15 @@ def record_key(record: dict) -> tuple[str, str, str, int]:
 
 _ENV_CACHE: dict[tuple, Any] = {}
 _AGENT_CACHE: dict[tuple, Any] = {}
+
+
+@atexit.register
+def close_cached_envs() -> None:
+    """Close the envs this process built (their PyBullet clients) before shutdown."""
+    for env in _ENV_CACHE.values():
+        env.close()
+    _ENV_CACHE.clear()
+    _AGENT_CACHE.clear()
 
 
 def _get_env(env_id: str, task: str, env_kwargs: dict, render: bool):

@@ -1,0 +1,131 @@
+"""train.py: a few hundred steps on each env id, checkpoints evaluate.py loads, resume, errors."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+import evaluate
+import train
+from sonoray.agents.policy_io import read_policy_config
+from sonoray.envs import ENV_IDS
+
+SMALL = {
+    "n_envs": 1,
+    "eval_freq": 200,
+    "eval_episodes": 1,
+    "checkpoint_freq": 100,
+    "env_kwargs": {"image_size": 64, "n_patients": 1},
+    "policy_kwargs": {"net_arch": [32]},
+    "ppo": {"n_steps": 100, "batch_size": 50, "n_epochs": 1},
+    "sac": {"buffer_size": 500, "learning_starts": 50, "batch_size": 32},
+}
+TASKS = {ENV_IDS[0]: "chest_ap", ENV_IDS[1]: "liver_long_axis"}
+
+
+@pytest.fixture()
+def hyperparams(tmp_path) -> Path:
+    path = tmp_path / "hp.yaml"
+    short = {ENV_IDS[0]: {"max_exposures": 5}, ENV_IDS[1]: {"max_steps": 10}}
+    data = {e: {**SMALL, "env_kwargs": {**SMALL["env_kwargs"], **short[e]}} for e in ENV_IDS}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _train(hp: Path, out: Path, env_id: str, *extra: str) -> int:
+    return train.main(
+        [
+            "--env",
+            env_id,
+            "--task",
+            TASKS[env_id],
+            "--timesteps",
+            "200",
+            "--device",
+            "cpu",
+            "--hyperparams",
+            str(hp),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_training_writes_a_policy_that_evaluate_loads_and_resume_continues(
+    tmp_path, hyperparams, env_id
+):
+    out = tmp_path / "run"
+    assert _train(hyperparams, out, env_id) == 0
+    policy = out / "policy.zip"
+    config = read_policy_config(policy)
+    steps = config["extra"]["num_timesteps"]
+    assert steps >= 200
+    assert (out / "config.yaml").is_file() and list((out / "tb").rglob("events.*"))
+    assert list((out / "checkpoints").glob("policy_*.zip"))
+    with zipfile.ZipFile(policy) as z:
+        assert set(z.namelist()) == {"config.json", "weights.npz"}
+
+    assert (
+        evaluate.main(
+            [
+                "--env",
+                env_id,
+                "--task",
+                TASKS[env_id],
+                "--agent",
+                str(policy),
+                "--episodes",
+                "1",
+                "--image-size",
+                "64",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
+
+    assert (
+        _train(hyperparams, tmp_path / "resumed", env_id, "--resume", str(policy), steps=100) == 0
+    )
+    resumed = read_policy_config(tmp_path / "resumed" / "policy.zip")
+    assert resumed["extra"]["num_timesteps"] > steps
+
+
+def test_unknown_algorithm_is_a_clear_error(hyperparams, tmp_path, capsys):
+    assert _train(hyperparams, tmp_path, ENV_IDS[0], "--algo", "dqn") == 2
+    assert "unknown algorithm 'dqn'" in capsys.readouterr().err
+
+
+def test_malformed_yaml_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "hp.yaml"
+    bad.write_text("sonoray/XRayPositioning-v0: {ppo: [unclosed")
+    assert _train(bad, tmp_path, ENV_IDS[0]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    bad.write_text(yaml.safe_dump({ENV_IDS[0]: {"ppo": {"learning_rat": 0.1}}}))
+    assert _train(bad, tmp_path, ENV_IDS[0]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_unknown_env_task_and_preset_are_clear_errors(hyperparams, tmp_path, capsys):
+    assert train.main(["--env", "sonoray/Nope-v0", "--out", str(tmp_path)]) == 2
+    assert "unknown env id" in capsys.readouterr().err
+    assert train.main(["--env", ENV_IDS[0], "--task", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert _train(hyperparams, tmp_path, ENV_IDS[0], "--preset", "nope") == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_shipped_hyperparameters_cover_every_env_and_algorithm():
+    from sonoray.agents.training import DEFAULT_HYPERPARAMS, load_hyperparams
+
+    for env_id in ENV_IDS:
+        for algo in ("ppo", "sac"):
+            hp = load_hyperparams(DEFAULT_HYPERPARAMS, env_id, algo, "easy")
+            assert hp["env_kwargs"]["image_size"] == 64
