@@ -27,7 +27,7 @@ from sonoray.agents import evaluation as ev
 from sonoray.agents.report import text_table, write_report
 from sonoray.agents.statistics import check_baseline, load_baseline, summarize
 
-DEFAULT_EPISODES = 3
+DEFAULT_EPISODES = 2
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_OUT = "eval_out"
 
