@@ -105,7 +105,7 @@ class UltrasoundEnvConfig:
         preset: Probe preset (``"convex"`` or ``"linear"``).
         image_size: Side of the square B-mode observation (pixels).
         n_patients: Procedural phantoms in the pool (ignored with ``ct``).
-        pool_seed: Phantom ``k`` of the pool has seed ``pool_seed + k``.
+        patient_seed: Phantom ``k`` of the pool has seed ``patient_seed + k``.
         ct: Path of a CT (file or folder) to use instead of the phantom pool.
         labels: Label volume of ``ct`` in TotalSegmentator naming, if not beside it.
         ct_spacing_mm: Resample the CT to this isotropic voxel size; ``None`` keeps its own.
@@ -124,8 +124,8 @@ class UltrasoundEnvConfig:
         max_steps: Steps before truncation.
         start_distance_mm: (low, high) distance of the start from the goal on the skin.
         start_angle_deg: (low, high) rotation angle of the start from the goal orientation.
-        placement_offset_mm: Largest shift of the patient on the table along x and y.
-        placement_yaw_deg: Largest rotation of the patient about the vertical.
+        patient_offset_mm: Largest shift of the patient on the table along x and y.
+        patient_yaw_deg: Largest rotation of the patient about the vertical.
         gain_db_range: (low, high) B-mode gain (dB) drawn per episode; ``None`` keeps the
             simulator's default gain.
         depth_choices_mm: Imaging depths drawn per episode; empty keeps the preset's.
@@ -139,7 +139,7 @@ class UltrasoundEnvConfig:
     preset: str = "convex"
     image_size: int = 128
     n_patients: int = 4
-    pool_seed: int = 0
+    patient_seed: int = 0
     ct: str | None = None
     labels: str | None = None
     ct_spacing_mm: float | None = None
@@ -154,8 +154,8 @@ class UltrasoundEnvConfig:
     max_steps: int = 100
     start_distance_mm: tuple[float, float] = (30.0, 80.0)
     start_angle_deg: tuple[float, float] = (10.0, 40.0)
-    placement_offset_mm: float = 20.0
-    placement_yaw_deg: float = 3.0
+    patient_offset_mm: float = 20.0
+    patient_yaw_deg: float = 3.0
     gain_db_range: tuple[float, float] | None = None
     depth_choices_mm: tuple[float, ...] = ()
     success_bonus: float = 5.0
@@ -167,7 +167,7 @@ class UltrasoundEnvConfig:
         _check_choice("preset", self.preset, sorted(PRESETS))
         _check_int("image_size", self.image_size, 16)
         _check_int("n_patients", self.n_patients, 1)
-        _check_int("pool_seed", self.pool_seed, 0)
+        _check_int("patient_seed", self.patient_seed, 0)
         _check_int("max_steps", self.max_steps, 1)
         for name in ("ct", "labels"):
             value = getattr(self, name)
@@ -207,7 +207,7 @@ class UltrasoundEnvConfig:
                 f"force_cap_n must exceed comfort_force_n's upper end {high} N and be at most "
                 f"the controller's hard limit {_HARD_FORCE_CAP_N} N, got {self.force_cap_n!r}"
             )
-        for name in ("placement_offset_mm", "placement_yaw_deg", "force_penalty_per_n"):
+        for name in ("patient_offset_mm", "patient_yaw_deg", "force_penalty_per_n"):
             value = getattr(self, name)
             if not (_is_number(value) and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -264,7 +264,7 @@ class UltrasoundNavigationEnv(gym.Env):
         face, column 0 on the marker side) and ``STATE_NAMES``.
 
     Randomisations (all from ``self.np_random``): the patient (by the episode's seed), its
-    placement on the table (``placement_offset_mm``, ``placement_yaw_deg``), the start pose
+    placement on the table (``patient_offset_mm``, ``patient_yaw_deg``), the start pose
     (on the skin ``start_distance_mm`` from the goal, rotated ``start_angle_deg`` from it),
     gain (``gain_db_range``) and imaging depth (``depth_choices_mm``).
 
@@ -330,7 +330,7 @@ class UltrasoundNavigationEnv(gym.Env):
         if config.ct is not None:
             self.pool = PatientPool.from_ct(config.ct, config.labels, config.ct_spacing_mm)
         else:
-            self.pool = PatientPool(config.n_patients, config.pool_seed)
+            self.pool = PatientPool(config.n_patients, config.patient_seed)
         depths_mm = config.depth_choices_mm or (self.preset.depth_mm,)
         self.planes: tuple[StandardPlane, ...] = self._standard_planes(min(depths_mm))
         self._target_ids = tuple(p.structure_ids(self.task.organ) for p in self.pool.patients)
@@ -431,8 +431,8 @@ class UltrasoundNavigationEnv(gym.Env):
         super().reset(seed=seed)
         rng, cfg = self.np_random, self.config
         index = self.pool.pick(rng)
-        offset_m = rng.uniform(-1.0, 1.0, 2) * cfg.placement_offset_mm / frames.MM_PER_M
-        yaw_deg = float(rng.uniform(-1.0, 1.0) * cfg.placement_yaw_deg)
+        offset_m = rng.uniform(-1.0, 1.0, 2) * cfg.patient_offset_mm / frames.MM_PER_M
+        yaw_deg = float(rng.uniform(-1.0, 1.0) * cfg.patient_yaw_deg)
         depths = sorted(self._simulators)
         depth_mm = depths[int(rng.integers(len(depths)))]
 

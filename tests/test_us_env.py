@@ -146,7 +146,7 @@ def test_unknown_task_name_lists_known_tasks():
         ({"force_cap_n": 9.0}, "must exceed comfort_force_n's upper end 10.0 N"),
         ({"comfort_force_n": (6.0, 3.0)}, "comfort_force_n must be"),
         ({"start_angle_deg": (10.0, 120.0)}, "start_angle_deg must be"),
-        ({"placement_yaw_deg": -1.0}, "placement_yaw_deg must be a number >= 0"),
+        ({"patient_yaw_deg": -1.0}, "patient_yaw_deg must be a number >= 0"),
         ({"depth_choices_mm": (0.0,)}, "depth_choices_mm must be a finite number > 0"),
         ({"labels": "labels.nii.gz"}, "given without ct"),
         ({"device": "abacus"}, "device must be a torch device"),
