@@ -388,3 +388,64 @@ def test_saved_policy_round_trips_as_data(tmp_path):
         )
         == 0
     )
+
+
+_KILLABLE_RUN = """
+import os, sys, time
+sys.path[:0] = [{tests!r}, {root!r}]
+import gymnasium as gym
+import numpy as np
+import evaluate
+import sonoray.envs
+import test_evaluate as t
+from sonoray.agents import evaluation as ev, registry
+
+class SlowToy(t.ToyEnv):
+    def step(self, action):
+        time.sleep(0.02)
+        return super().step(action)
+
+gym.register(t.TOY_ID, entry_point=SlowToy, disable_env_checker=True)
+sonoray.envs.ENV_IDS = (t.TOY_ID,)
+ev.task_names = lambda env_id: ("near", "far")
+registry._ORACLES[t.TOY_ID] = "test_evaluate:ToyOracle"
+sys.exit(evaluate.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    import signal
+    import time
+
+    script = tmp_path / "run_eval.py"
+    here = Path(__file__).parent
+    script.write_text(_KILLABLE_RUN.format(tests=str(here), root=str(here.parent)))
+    args = ["--env", TOY_ID, "--image-size", "8", "--episodes", "6", "--agent", "random"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(full)], check=True, capture_output=True
+    )
+
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args, "--out", str(cut)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    episodes = cut / ev.EPISODES_FILE
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if episodes.is_file() and len(episodes.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(ev.read_records(episodes))
+    assert 4 <= written < 12, "the run was not killed halfway"
+
+    subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(cut), "--resume"],
+        check=True,
+        capture_output=True,
+    )
+    assert _records(cut) == _records(full)
