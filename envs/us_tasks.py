@@ -218,13 +218,6 @@ class StandardPlane:
         return self.organ.centroid_mm
 
 
-def task(name: str) -> UltrasoundTask:
-    """The task called ``name``; ``ValueError`` lists the known ones."""
-    if name not in US_TASKS:
-        raise ValueError(f"unknown ultrasound task {name!r}; known tasks: {sorted(US_TASKS)}")
-    return US_TASKS[name]
-
-
 def organ_axes(patient: Patient, organ: str) -> OrganAxes:
     """Centroid and principal axes (PCA of voxel centres in mm) of a structure.
 

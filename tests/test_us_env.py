@@ -122,11 +122,6 @@ def test_too_deep_organ_is_unsupported(tilted_kidney):
         us_tasks.standard_plane(patient, us_tasks.US_TASKS["kidney_right_long_axis"], 40.0)
 
 
-def test_unknown_task_name_lists_known_tasks():
-    with pytest.raises(ValueError, match="known tasks: .*spleen_long_axis"):
-        us_tasks.task("heart_four_chamber")
-
-
 # ----- configuration ---------------------------------------------------------------------------
 
 
