@@ -9,7 +9,9 @@ every batch item in a block of planes. Each sample is weighted by the length of 
 segment in its plane's slab, clipped to the part of the segment from the source to the
 detector pixel that lies inside the volume's box (voxel edges; a voxel fills its cell). The
 result is the integral of the volume's trilinear interpolant along the ray, up to the
-in-slab variation that Joseph's method neglects.
+in-slab variation that Joseph's method neglects. Optionally (``slab_voxels``, ``slab_mm``)
+a ray samples the average of a few planes at a time across its dominant axis: fewer
+samples, the same resolution across the beam.
 
 :class:`XRaySensor` turns a CT (Hounsfield units) into per-material density volumes once, keeps
 them on the device, and renders batches of polychromatic, optionally noisy radiographs.
