@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine_info import describe_machine
 from scipy import ndimage
 
 from sonoray.assets.phantom import make_phantom
@@ -44,29 +44,6 @@ from sonoray.sensors.ultrasound import BModeSettings, BModeSimulator
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_bmode.json"
 TARGET_FPS = 100.0
 PRESS_MM = 5.0
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {
-        "cpu": cpu,
-        "cores": cores,
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def _probe_poses(patient, batch: int, seed: int = 0) -> torch.Tensor:
@@ -168,7 +145,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    machine = _machine()
+    machine = describe_machine()
     patient = make_phantom(0)
     patient.tissue_map  # noqa: B018  (built once, outside the timings)
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -19,43 +19,18 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from machine_info import describe_machine, load_average
 
 from sonoray.assets.ct import load_example_ct
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_ct.json"
 TARGET_S = 5.0  # aim: CT load plus skin mesh on a 2-core CPU
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "load_average_1min_at_start": _load_average(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "nibabel": nib.__version__,
-    }
-
-
-def _load_average() -> float | None:
-    """Other processes share the CPU: record how busy it was."""
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _time(fn, repeats: int) -> tuple[float, float, object]:
@@ -99,7 +74,7 @@ def main() -> None:
         )
 
     peer_s = rows["peer: nibabel load + get_fdata (ct and labels)"][0]
-    machine = _machine()
+    machine = describe_machine()
     print(f"CT import on {machine['cpu']}, {machine['cores']} cores; median of {args.repeats}")
     out = {"machine": machine, "ct": folder.name, "repeats": args.repeats, "seconds": {}}
     for name, (med, low, _) in rows.items():
@@ -121,7 +96,7 @@ def main() -> None:
             "spacing_mm": [round(float(s), 4) for s in patient.spacing_mm],
             "mesh_faces": int(len(mesh.faces)),
         }
-    machine["load_average_1min_at_end"] = _load_average()
+    machine["load_average_1min_at_end"] = load_average()
     print(
         f"  load average (1 min) at start {machine['load_average_1min_at_start']}, "
         f"at end {machine['load_average_1min_at_end']}"

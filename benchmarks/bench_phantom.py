@@ -20,37 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from machine_info import describe_machine
 
 from sonoray.assets.phantom import PHANTOM_SHAPE, make_phantom
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_phantom.json"
 TARGET_S = 2.0
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
 
 
 def _numpy_fill(seed: int) -> None:
@@ -75,7 +55,7 @@ def main() -> None:
     if args.seeds < 2:
         parser.error(f"--seeds must be at least 2, got {args.seeds}")
 
-    machine = _machine()
+    machine = describe_machine()
     print(
         f"machine: {machine['cpu']}, {machine['cores']} cores, "
         f"load {machine['load_average_1min_at_start']}"

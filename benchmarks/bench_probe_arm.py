@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import pybullet
 import trimesh
+from machine_info import describe_machine
 from pybullet_utils.bullet_client import BulletClient
 
 from sonoray.envs import frames
@@ -40,21 +39,6 @@ TORSO_CENTRE_M = (0.0, 0.0, 0.15)
 ARM_BASE = ((0.0, -0.6, 0.0), pybullet.getQuaternionFromEuler((0.0, 0.0, math.pi / 2)))
 STEP_BUDGET_MS = 1000.0 / 30.0
 RENDER_MS = 10.0
-
-
-def _machine() -> dict[str, str | int]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count() or 0,
-        "python": platform.python_version(),
-        "pybullet_api": pybullet.getAPIVersion(),
-    }
 
 
 def _times_ms(fn, repeats: int) -> np.ndarray:
@@ -198,7 +182,7 @@ def main() -> None:
         "env_steps_per_s_with_render": round(1000.0 / (step_median + RENDER_MS), 1),
     }
 
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe_machine()}")
     print(f"torso mesh: {n_triangles} triangles; probe: convex, 128 elements")
     print(f"{'measurement':50s} {'median ms':>10s} {'p95 ms':>9s} {'step/this':>10s}")
     for name, row in summary.items():
@@ -212,7 +196,7 @@ def main() -> None:
     RESULTS.write_text(
         json.dumps(
             {
-                "machine": _machine(),
+                "machine": describe_machine(),
                 "command": "python benchmarks/bench_probe_arm.py",
                 "torso_triangles": n_triangles,
                 "timings": summary,

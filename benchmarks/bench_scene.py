@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import pybullet
+from machine_info import describe_machine
 from pybullet_utils.bullet_client import BulletClient
 
 from sonoray.assets.phantom import make_phantom
@@ -50,22 +49,6 @@ def _summary_ms(times: list[float]) -> dict[str, float]:
     }
 
 
-def _machine() -> dict[str, str | int]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count() or 0,
-        "description": f"{os.cpu_count()}-core CPU, no GPU, shared with other jobs",
-        "python": platform.python_version(),
-        "pybullet_api": pybullet.getAPIVersion(),
-    }
-
-
 def _load_mesh_once(client: BulletClient, patient) -> None:
     mesh = patient.skin_mesh
     vertices_m = (np.asarray(mesh.vertices) / MM_PER_M).tolist()
@@ -86,7 +69,7 @@ def main() -> None:
     parser.add_argument("--resets", type=int, default=2000)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    results: dict = {"machine": _machine(), "patients": args.patients}
+    results: dict = {"machine": describe_machine(), "patients": args.patients}
 
     phantoms, mesh_s = [], []
     for seed in range(args.patients):
