@@ -271,6 +271,9 @@ class VolumeProjector:
         first = max(0, int(torch.floor(lo.min() + 0.5)))
         last = min(n_planes - 1, int(torch.ceil(hi.max() - 0.5)))
         n_rays = s.shape[0]
+        acc = torch.zeros(self.channels, n_rays, device=s.device)
+        if last < first:  # no ray of this group crosses the volume
+            return acc
         block = max(
             PLANES_PER_THREAD * torch.get_num_threads(),
             SAMPLES_PER_BLOCK.get(s.device.type, 1 << 20) // (n_rays * max(self.channels, 2)),
@@ -278,7 +281,6 @@ class VolumeProjector:
         block = min(block, last - first + 1)
         grid = torch.empty(block, n_rays, 2, device=s.device)
         weight = torch.empty(block, n_rays, device=s.device)
-        acc = torch.zeros(self.channels, n_rays, device=s.device)
         for q_start in range(first, last + 1, block):
             q_end = min(q_start + block, last + 1)
             n_q = q_end - q_start

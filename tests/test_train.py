@@ -35,7 +35,7 @@ def hyperparams(tmp_path) -> Path:
     return path
 
 
-def _train(hp: Path, out: Path, env_id: str, *extra: str) -> int:
+def _train(hp: Path, out: Path, env_id: str, *extra: str, steps: int = 200) -> int:
     return train.main(
         [
             "--env",
@@ -43,7 +43,7 @@ def _train(hp: Path, out: Path, env_id: str, *extra: str) -> int:
             "--task",
             TASKS[env_id],
             "--timesteps",
-            "200",
+            str(steps),
             "--device",
             "cpu",
             "--hyperparams",

@@ -209,6 +209,15 @@ def test_rays_that_miss_the_volume_read_zero_and_the_unattenuated_value():
     assert (image.image[0, 0].numpy()[~hits] == 0).all()
 
 
+def test_a_view_whose_rays_all_miss_the_volume_reads_zero():
+    g = XRayGeometry.from_isocentre([0, 0, 900], [0.3, 1, 0.2], pixels=16, detector_mm=100)
+    out = line_integrals(torch.ones(1, N, N, N), grid_affine(), g)
+    assert out.shape == (1, 1, 16, 16) and (out == 0).all()
+    batch = XRayGeometry.cat([g, ap_geometry(pixels=16)])  # one item misses, one hits
+    both = line_integrals(torch.ones(1, N, N, N), grid_affine(), batch)
+    assert (both[0] == 0).all() and (both[1] > 0).any()
+
+
 def test_ras_and_las_storage_of_one_ct_give_the_same_image():
     rng = np.random.default_rng(0)
     hu = rng.normal(0, 300, (N, N - 4, N + 3)).astype(np.float32)
