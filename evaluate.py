@@ -186,6 +186,20 @@ def _check_agents(agents: list[str]) -> tuple[str, ...]:
     return tuple(agents)
 
 
+def _check_ct(ct: str, labels: str | None) -> None:
+    """Load the CT once up front, so that a bad file is a usage error before any episode."""
+    if not Path(ct).exists():
+        raise UsageError(f"--ct {ct!r} does not exist")
+    if labels and not Path(labels).exists():
+        raise UsageError(f"--labels {labels!r} does not exist")
+    from sonoray.envs.patient_pool import PatientPool
+
+    try:
+        PatientPool.from_ct(ct, labels)
+    except Exception as exc:  # noqa: BLE001  (any reader error means the file is unusable)
+        raise UsageError(f"--ct {ct!r} cannot be loaded: {exc}") from None
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -285,8 +299,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--video must be >= 0, got {args.video}")
     if args.labels and not args.ct:
         raise UsageError("--labels needs --ct")
-    if args.ct and not Path(args.ct).exists():
-        raise UsageError(f"--ct {args.ct!r} does not exist")
+    if args.ct:
+        _check_ct(args.ct, args.labels)
     if args.baseline:
         try:
             load_baseline(args.baseline)
@@ -323,7 +337,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         )
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    done = ev.read_records(episodes_path)
+    try:
+        done = ev.read_records(episodes_path)
+    except ValueError as exc:
+        raise UsageError(f"cannot resume: {exc}") from None
     if done:  # rewrite without a torn last line before appending
         episodes_path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in done))
     jobs = ev.plan_jobs(config)

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--env", default="sonoray/XRayPositioning-v0", help="environment id")
-    p.add_argument("--task", default=None, help="task name (default: the env's default task)")
+    p.add_argument("--task", default=None, help="task name; None: the env's first task")
     p.add_argument("--algo", default="ppo", help="ppo or sac")
     p.add_argument("--timesteps", type=int, default=100_000, help="environment steps to train")
     p.add_argument("--seed", type=int, default=0, help="seed of training envs and the model")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-envs",
         type=int,
         default=None,
-        help="parallel envs (default: from the hyperparameter file)",
+        help="parallel envs; None: the hyperparameter file's",
     )
     p.add_argument("--device", default="auto", help="torch device of the policy: auto, cpu, cuda")
     p.add_argument("--out", default="runs/train", help="output folder")

@@ -244,6 +244,18 @@ def test_bad_options_exit_2_with_a_clear_message(tmp_path, capsys, args, message
     assert message in capsys.readouterr().err
 
 
+def test_unreadable_ct_and_corrupt_records_exit_2(tmp_path, capsys):
+    text = tmp_path / "not_a_ct.nii.gz"
+    text.write_text("hello")
+    assert _run("--out", str(tmp_path / "o"), "--ct", str(text)) == 2
+    assert "cannot be loaded" in capsys.readouterr().err
+    out = tmp_path / "corrupt"
+    out.mkdir()
+    (out / ev.EPISODES_FILE).write_text("{not json\n{}\n")
+    assert _run("--out", str(out), "--resume") == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
 def test_malformed_baseline_exits_2(tmp_path, capsys):
     bad = tmp_path / "baseline.yaml"
     bad.write_text(f"{TOY_ID}:\n  near:\n    scripted: {{min_success_rate: 1.5}}\n")
