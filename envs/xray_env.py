@@ -104,6 +104,9 @@ class XRayEnvConfig:
         reward_collision_penalty: Subtracted when the C-arm collides.
         reward_success_bonus: Added when the view is reached.
         device: Torch device of the X-ray sensor (``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...).
+        drr_max_voxel_mm: Average patient voxels up to this size for the DRR (faster; e.g.
+            4.0 for 64 x 64 training images, whose pixels cover about 2.4 mm at the
+            isocentre); None renders the patients' own 2 mm grid.
         render_size_px: Height of the ``rgb_array`` frame.
     """
 
@@ -133,6 +136,7 @@ class XRayEnvConfig:
     reward_collision_penalty: float = 1.0
     reward_success_bonus: float = 1.0
     device: str = "cpu"
+    drr_max_voxel_mm: float | None = None
     render_size_px: int = 320
 
     def __post_init__(self) -> None:
@@ -151,6 +155,7 @@ class XRayEnvConfig:
         _check_int("max_exposures", self.max_exposures, 2, 10_000)
         _check_int("render_size_px", self.render_size_px, 64, 2048)
         _check_number("ct_spacing_mm", self.ct_spacing_mm, 0.0, 20.0, optional=True)
+        _check_number("drr_max_voxel_mm", self.drr_max_voxel_mm, 0.0, 20.0, optional=True)
         _check_number("patient_offset_mm", self.patient_offset_mm, 0.0, 150.0, low_open=False)
         _check_number("patient_yaw_deg", self.patient_yaw_deg, 0.0, 30.0, low_open=False)
         self._range("perturb_angle_deg", 0.0, 90.0)
@@ -450,6 +455,53 @@ class XRayPositioningEnv(gym.Env):
         """Current joint values ``(5,)``, mm and degrees, in ``carm.JOINT_NAMES`` order."""
         return self.carm.joints_array()
 
+    @property
+    def joint_limits(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) joint values ``(5,)`` each, mm and degrees."""
+        return self._joint_low.copy(), self._joint_high.copy()
+
+    @property
+    def angle_tolerance_deg(self) -> float:
+        """Success: largest angle of the central ray to the view's beam direction."""
+        return self._angle_tolerance_deg
+
+    @property
+    def centring_tolerance_mm(self) -> float:
+        """Success: largest distance of the target's centroid from the central ray."""
+        return self._centring_tolerance_mm
+
+    def target_hull_mm(self) -> np.ndarray:
+        """``(N, 3)`` corners of the centring target's convex hull (patient mm): the target
+        lies inside the field iff they all project inside it."""
+        return self._targets[self.scene.active_index].hull_mm.double().cpu().numpy()
+
+    def exposure_geometry_at(self, joints: np.ndarray):
+        """Geometry (``carm.ExposureGeometry``, patient mm) of an exposure at ``joints``.
+
+        A what-if query: the C-arm is put back where it was; no exposure is taken.
+        """
+        here = self.carm.joints_array()
+        try:
+            self.carm.reset(joints)
+            return self.carm.xray_geometry_in_patient(
+                self.scene.patient_in_world, pixels=self.config.image_size
+            )
+        finally:
+            self.carm.reset(here)
+
+    def collisions_between(self, start: np.ndarray, end: np.ndarray) -> list[str]:
+        """Contacts a move from ``start`` to ``end`` would meet, swept as a step sweeps it.
+
+        A what-if query: the C-arm is put back where it was. Joints outside the limits are
+        clipped to them, as a command would be.
+        """
+        here = self.carm.joints_array()
+        low, high = self._joint_low, self._joint_high
+        try:
+            return self._sweep(np.clip(start, low, high), np.clip(end, low, high))
+        finally:
+            self.carm.reset(here)
+
     def target_centroid_mm(self) -> np.ndarray:
         """Centroid of the task's centring target in the active patient (RAS mm)."""
         return self._targets[self.scene.active_index].centroid_mm.copy()
@@ -629,7 +681,11 @@ class XRayPositioningEnv(gym.Env):
         """
         start = self.carm.joints_array()
         report = self.carm.command(delta, relative=True)
-        end = self.carm.joints_array()
+        return report, self._sweep(start, self.carm.joints_array())
+
+    def _sweep(self, start: np.ndarray, end: np.ndarray) -> list[str]:
+        """Move from ``start`` to ``end`` (within limits) in sub-steps, stopping at the first
+        collision; return its contacts (empty if the path is free)."""
         change = np.abs(end - start)
         substeps = max(
             1,
@@ -637,14 +693,11 @@ class XRayPositioningEnv(gym.Env):
             math.ceil(change[_ROTATION].max() / COLLISION_SUBSTEP_DEG),
         )
         for k in range(1, substeps + 1):
-            if k < substeps:
-                self.carm.reset(start + (end - start) * (k / substeps))
-            elif substeps > 1:
-                self.carm.reset(end)
+            self.carm.reset(end if k == substeps else start + (end - start) * (k / substeps))
             collisions = self._carm_collisions()
             if collisions:
-                return report, collisions
-        return report, []
+                return collisions
+        return []
 
     def _carm_collisions(self) -> list[str]:
         """``"carm/<link> - <body>/<link>"`` for every contact of the C-arm."""
@@ -707,7 +760,7 @@ class XRayPositioningEnv(gym.Env):
         """
         from sonoray.sensors import dose
 
-        self.sensor = _shared_sensor(self.pool.patients, self.device)
+        self.sensor = _shared_sensor(self.pool.patients, self.device, self.config.drr_max_voxel_mm)
         self.carm.reset()
         kvp, mas = self._nominal_exposure()
         self._nominal_dap = float(dose.exposure_dap_mgy_cm2(self._geometry(), kvp, mas)[0])
@@ -811,14 +864,15 @@ class XRayPositioningEnv(gym.Env):
 _SENSORS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _shared_sensor(patients, device: torch.device):
-    """One ``XRaySensor`` per (patients, device) in this process while an env holds it."""
+def _shared_sensor(patients, device: torch.device, max_voxel_mm: float | None):
+    """One ``XRaySensor`` per (patients, device, voxel size) in this process while an env
+    holds it."""
     from sonoray.sensors.drr import XRaySensor
 
-    key = (tuple(id(p) for p in patients), str(device))
+    key = (tuple(id(p) for p in patients), str(device), max_voxel_mm)
     sensor = _SENSORS.get(key)
     if sensor is None:
-        sensor = XRaySensor.from_patients(list(patients), device=device)
+        sensor = XRaySensor.from_patients(list(patients), device=device, max_voxel_mm=max_voxel_mm)
         _SENSORS[key] = sensor
     return sensor
 

@@ -10,7 +10,7 @@ import pytest
 
 import sonoray.envs  # noqa: F401  (registers the env ids)
 from sonoray.agents.random_agent import RandomAgent
-from sonoray.agents.xray_oracle import XRayOracle
+from sonoray.agents.xray_oracle import XRayOracle, fit_target_in_field
 from sonoray.assets.patient import Patient
 from sonoray.envs import XRAY_POSITIONING_ID
 from sonoray.envs.carm import JOINT_NAMES
@@ -198,6 +198,8 @@ def test_make_overrides_config_fields(env):
         ({"randomize_exposure": "yes"}, "randomize_exposure must be True or False"),
         ({"labels": "labels.nii.gz"}, "needs ct="),
         ({"device": "tpu:x"}, "device must name a torch device"),
+        ({"drr_max_voxel_mm": 0.0}, "drr_max_voxel_mm must be a number in"),
+        ({"patient_yaw_deg": -1.0}, "patient_yaw_deg must be a number in"),
     ],
 )
 def test_bad_config_raises_naming_the_value(kwargs, message):
@@ -253,6 +255,7 @@ def test_same_seed_same_episode():
     # Two envs built apart, one episode each (6 exposures keeps it short), bit for bit.
     short = dict(SMALL, max_exposures=6)
     first_env, second_env = XRayPositioningEnv(**short), XRayPositioningEnv(**short)
+    assert first_env.sensor is second_env.sensor  # one set of volumes per process
     try:
         first = run_episode(first_env, RandomAgent(), seed=11)
         second = run_episode(second_env, RandomAgent(), seed=11)
@@ -360,6 +363,37 @@ def test_oracle_reaches_the_view(fixture, request):
         assert info["termination_reason"] == "success"
         assert len(rewards) <= 8
         assert info["view_angle_error_deg"] <= 3.0 and info["centring_error_mm"] <= 10.0
+
+
+def test_what_if_queries_leave_the_carm_where_it_was(env):
+    env.reset(seed=6)
+    xray = env.unwrapped
+    here = xray.joints()
+    colliding = np.array([0.0, 0.0, 150.0, 30.0, 0.0])  # tube in the table top
+    assert any("source" in c for c in xray.collisions_between(here, colliding))
+    assert xray.collisions_between(here, here) == []
+    geometry = xray.exposure_geometry_at(xray.goal_joints())
+    np.testing.assert_array_equal(xray.joints(), here)
+    np.testing.assert_allclose(
+        geometry.source_mm + 530.0 * geometry.beam_direction, xray.target_centroid_mm(), atol=1e-3
+    )
+
+
+def test_field_fit_brings_a_lopsided_target_into_the_field():
+    # The phantom's sacrum projects further below its centroid than the field reaches.
+    e = XRayPositioningEnv(task="pelvis_ap", **SMALL)
+    try:
+        e.reset(seed=0, options={"patient_index": 0})
+        goal = e.goal_joints()
+        e.carm.reset(goal)
+        assert not e.view_errors()["target_in_field"]
+        e.carm.reset(fit_target_in_field(e, goal))
+        errors = e.view_errors()
+    finally:
+        e.close()
+    assert errors["target_in_field"]
+    assert errors["centring_error_mm"] <= 0.9 * 10.0 + 1e-3
+    assert errors["view_angle_error_deg"] < 0.05
 
 
 @pytest.mark.chest_ct
