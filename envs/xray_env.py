@@ -19,8 +19,10 @@ wig-wag (rotation about the vertical), so a lateral view cannot follow the patie
 yaw: the best reachable beam misses it by about yaw x sin(45 deg) (see
 :func:`reachable_beam_joints`), which is why the default yaw is at most 3 degrees
 (2.1 degrees off at worst, inside the 3 degree tolerance). Success needs the whole
-centring target inside the field, so a target whose projection nearly fills the field
-and lies off-centre about its centroid cannot succeed (see the task table).
+centring target inside the field: a target that nearly fills the field and is lopsided
+about its centroid (the phantom's sacrum, a real heart in the oblique view) fits only
+with the isocentre shifted within the centring tolerance or the C-arm backed off along
+the beam to lower the magnification (what the scripted oracle does).
 """
 
 from __future__ import annotations
@@ -540,6 +542,7 @@ class XRayPositioningEnv(gym.Env):
             options: ``{"patient_index": i}`` picks pool patient ``i`` instead of drawing.
         """
         super().reset(seed=seed)
+        self._needs_reset = True  # until this reset completes
         cfg, rng = self.config, self.np_random
         options = dict(options or {})
         unknown = sorted(set(options) - {"patient_index"})
@@ -640,10 +643,13 @@ class XRayPositioningEnv(gym.Env):
         return self._frame()
 
     def close(self) -> None:
+        """Disconnect the physics and let go of the X-ray volumes (shared ones stay while
+        another env holds them)."""
         scene = getattr(self, "scene", None)
         if scene is not None:
             scene.close()
             self.scene = None
+        self.sensor = None
 
     # ----- motion ---------------------------------------------------------------------------
 

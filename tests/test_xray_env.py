@@ -280,6 +280,14 @@ def test_non_finite_action_raises(env, bad):
         env.step(action)
 
 
+def test_bad_reset_options_raise(env):
+    with pytest.raises(ValueError, match=r"unknown reset option\(s\) \['patient'\]"):
+        env.reset(seed=0, options={"patient": 1})
+    with pytest.raises(ValueError, match=r"patient index must be in \[0, 2\), got 5"):
+        env.reset(seed=0, options={"patient_index": 5})
+    env.reset(seed=0)
+
+
 def test_wrong_action_shape_and_step_before_reset_raise():
     e = XRayPositioningEnv(**SMALL)
     with pytest.raises(RuntimeError, match="call reset"):
