@@ -7,12 +7,15 @@ part). Prints absolute figures and ratios, and writes ``benchmarks/results/bench
 after every part, each part with the machine, its load and the command; a part not run
 keeps its last record.
 
-Speed: the default env (``liver_long_axis``, convex probe, 128 x 128 images, a pool of 4
-phantoms), ``torch`` on 2 threads, random actions, resets excluded. Peers in the same run,
-on the same env and poses: the B-mode render alone, the arm's move (IK, force control,
-coupling rays, full-range random commands) alone, the quality scores alone and the
-collision check alone, so the step's cost splits into its parts; and the same env at
-64 x 64.
+Speed on 2 cores: the default env (``liver_long_axis``, convex probe, 128 x 128 images, a
+pool of 4 phantoms) with random actions. The headline is two envs stepping at once in two
+processes with one torch thread each (how a vectorised env uses 2 cores; resets
+included). Peers in the same run: one env in this process with 1 and with 2 torch threads
+and at 64 x 64 (resets excluded), and on the same env and poses the B-mode render alone,
+the arm's move (IK, force control, coupling rays, full-range random commands) alone, the
+quality scores alone and the collision check alone, so the step's cost splits into its
+parts. On a shared machine two torch threads contend with other work; one thread per env
+is the robust setting.
 
 Success: every task on the phantom pool and the example CT's liver and spleen (its
 kidneys are cut by the scan), ``--episodes`` scripted and ``--random-episodes`` random
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -93,8 +97,9 @@ def _summary(seconds: list[float]) -> dict:
     }
 
 
-def measure_speed(steps: int, image_size: int) -> dict:
-    """Step times of the default env, and of its parts on the same poses."""
+def measure_speed(steps: int, image_size: int, threads: int) -> dict:
+    """Step times of the default env in this process, and of its parts on the same poses."""
+    torch.set_num_threads(threads)
     env = gym.make(ULTRASOUND_NAVIGATION_ID, image_size=image_size)
     inner = env.unwrapped
     rng = np.random.default_rng(0)
@@ -134,7 +139,7 @@ def measure_speed(steps: int, image_size: int) -> dict:
     env.close()
 
     result = {
-        "image_size": image_size,
+        "setup": f"1 env, {threads} torch thread(s), {image_size} px",
         "steps_per_s": round(len(step_s) / sum(step_s), 2),
         "env_step": _summary(step_s),
         "env_reset": _summary(reset_s) if reset_s else None,
@@ -147,6 +152,43 @@ def measure_speed(steps: int, image_size: int) -> dict:
     for peer in PEERS:
         result[peer]["step_over_this"] = round(step_ms / result[peer]["median_ms"], 2)
     return result
+
+
+def _worker(barrier, queue, steps: int, image_size: int, seed: int) -> None:
+    torch.set_num_threads(1)
+    env = gym.make(ULTRASOUND_NAVIGATION_ID, image_size=image_size)
+    rng = np.random.default_rng(seed)
+    env.reset(seed=seed)
+    barrier.wait()
+    start = time.perf_counter()
+    for episode in range(steps):
+        _, _, terminated, truncated, _ = env.step(rng.uniform(-1.0, 1.0, 5).astype(np.float32))
+        if terminated or truncated:
+            env.reset(seed=seed + episode + 1)
+    queue.put((steps, time.perf_counter() - start))
+    env.close()
+
+
+def measure_parallel(steps: int, image_size: int, processes: int) -> dict:
+    """Steps per second of ``processes`` envs stepping at once, one process and one torch
+    thread each (resets included): the throughput of a vectorised env on as many cores."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(processes), ctx.Queue()
+    workers = [
+        ctx.Process(target=_worker, args=(barrier, queue, steps, image_size, i))
+        for i in range(processes)
+    ]
+    for w in workers:
+        w.start()
+    done = [queue.get() for _ in workers]
+    for w in workers:
+        w.join()
+    total_steps = sum(n for n, _ in done)
+    return {
+        "setup": f"{processes} envs in {processes} processes, 1 torch thread each, {image_size} px",
+        "steps_per_s": round(total_steps / max(t for _, t in done), 2),
+        "per_env_steps_per_s": [round(n / t, 2) for n, t in done],
+    }
 
 
 def measure_success(episodes: dict[str, int], ct: Path | None, seed: int) -> list[dict]:
@@ -197,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-speed", action="store_true", help="measure success only")
     parser.add_argument("--skip-success", action="store_true", help="measure speed only")
     args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
     command = "python benchmarks/bench_us_env.py " + " ".join(sys.argv[1:])
     print(f"machine: {_machine()}")
 
@@ -217,17 +258,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_speed:
         load_at_start = os.getloadavg()[0]
-        rows = [measure_speed(args.steps, size) for size in (128, 64)]
+        rows = [
+            measure_speed(args.steps, 128, 1),
+            measure_speed(args.steps, 128, THREADS),
+            measure_speed(args.steps, 64, 1),
+        ]
         for row in rows:
             parts = ", ".join(
                 f"{row[p]['step_over_this']:.1f} x {p[5:]} ({row[p]['median_ms']:.1f} ms)"
                 for p in PEERS
             )
             print(
-                f"{row['image_size']:3d} px: {row['steps_per_s']:.1f} env steps/s (aim >= "
-                f"{TARGET_STEPS_PER_S:.0f}); step median {row['env_step']['median_ms']:.1f} ms"
-                f" = {parts}"
+                f"{row['setup']}: {row['steps_per_s']:.1f} steps/s; step median "
+                f"{row['env_step']['median_ms']:.1f} ms = {parts}"
             )
+        rows.append(measure_parallel(args.steps, 128, THREADS))
+        print(
+            f"{rows[-1]['setup']}: {rows[-1]['steps_per_s']:.1f} steps/s in all "
+            f"(aim >= {TARGET_STEPS_PER_S:.0f} on {THREADS} cores)"
+        )
         save("speed", rows, round(load_at_start, 2))
 
     if not args.skip_success:
