@@ -545,11 +545,10 @@ class UltrasoundNavigationEnv(gym.Env):
         image = cv2.cvtColor(
             cv2.resize(image, (side, side), interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2RGB
         )
-        if self._frame.target_mask is not None:
-            mask = self._frame.target_mask[0].cpu().numpy().astype(np.uint8)
-            mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST)
-            contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(image, contours, -1, (60, 220, 90), 1)
+        mask = self._frame.target_mask[0].cpu().numpy().astype(np.uint8)
+        mask = cv2.resize(mask, (side, side), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(image, contours, -1, (60, 220, 90), 1)
 
         return np.concatenate([scene, image, self._figures(side)], axis=1)
 
