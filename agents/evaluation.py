@@ -317,12 +317,13 @@ def run_jobs(
     """Run ``jobs`` (in ``config.n_envs`` worker processes) and hand each record over."""
     args = [(job, config.env_kwargs, str(out_dir), config.trusted) for job in jobs]
     if config.n_envs <= 1 or len(jobs) <= 1:
+        _worker_init(1)
         for a in args:
             on_record(_run_job(a))
         return
     import multiprocessing
 
-    threads = max(1, (os.cpu_count() or 1) // config.n_envs)
+    threads = 1  # one torch thread per env process: threads of several processes contend
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         config.n_envs, mp_context=ctx, initializer=_worker_init, initargs=(threads,)
