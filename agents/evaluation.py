@@ -164,6 +164,7 @@ def _get_env(env_id: str, task: str, env_kwargs: dict, render: bool):
 
     key = (env_id, task, json.dumps(env_kwargs, sort_keys=True, default=str), render)
     if key not in _ENV_CACHE:
+        close_cached_envs()  # jobs come grouped by env and task: hold one env at a time
         kwargs = dict(env_kwargs, task=task)
         if render:
             kwargs["render_mode"] = "rgb_array"
