@@ -143,10 +143,12 @@ def load_hyperparams(path: str | Path, env_id: str, algo: str, preset: str | Non
 
 def _make_env(env_id: str, task: str, env_kwargs: dict, seed: int, rank: int):
     def thunk():
+        import torch
         from stable_baselines3.common.monitor import Monitor
 
         import sonoray.envs  # noqa: F401  (registers the ids)
 
+        torch.set_num_threads(1)  # the sensor threads of several env processes contend
         env = gym.make(env_id, task=task, **env_kwargs)
         env = Monitor(env, info_keywords=("is_success",))
         env.reset(seed=seed + rank)
