@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import platform
 import time
 from functools import partial
 from pathlib import Path
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine_info import describe_machine
 
 from sonoray.assets import tissues
 from sonoray.sensors.drr import XRaySensor
@@ -57,24 +57,6 @@ CT_MAX_VOXEL_MM = 1.5  # 0.7 x 0.7 x 2.5 mm -> 1.4 x 1.4 x 2.5 mm
 SLOW_S = 2.0  # a call slower than this is timed once
 PEER_MAX_RAYS = 16 * 128 * 128  # DiffDRR holds every sample of every ray in memory at once
 FULL_MAX_RAYS = 16 * 128 * 128  # the full-resolution CT is timed up to this many rays
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "machine": f"{os.cpu_count()}-core CPU ({cpu})",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_at_start": os.getloadavg(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def timed(fn, repeats: int, device: torch.device) -> float:
@@ -255,8 +237,8 @@ def write_markdown(records: dict, path: Path) -> None:
     lines = [
         "# DRR benchmark",
         "",
-        f"Machine: {m['machine']}, torch {m['torch']}, {m['threads']} threads, load average at "
-        f"start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} (shared machine: "
+        f"Machine: {m['description']}, torch {m['torch']}, {m['torch_threads']} threads, load "
+        f"average at start {m['load_average_1min_at_start']} (shared machine: "
         "other jobs ran at the same time, so times are noisy). Command: "
         "`python benchmarks/bench_drr.py`.",
         "",
@@ -309,7 +291,7 @@ def main() -> None:
     device = torch.device(args.device)
     repeats = 3 if args.quick else 5
     accuracy_sizes = (128,) if args.quick else (128, 256)
-    records = {"machine": machine(), "timing": [], "accuracy": []}
+    records = {"machine": describe_machine(), "timing": [], "accuracy": []}
     print(json.dumps(records["machine"]))
 
     with torch.inference_mode():

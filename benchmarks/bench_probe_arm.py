@@ -29,6 +29,7 @@ import pybullet
 import trimesh
 from machine_info import describe_machine
 from pybullet_utils.bullet_client import BulletClient
+from timing import call_times_s, summary_ms
 
 from sonoray.envs import frames
 from sonoray.envs.probe_arm import ProbeArm
@@ -39,23 +40,6 @@ TORSO_CENTRE_M = (0.0, 0.0, 0.15)
 ARM_BASE = ((0.0, -0.6, 0.0), pybullet.getQuaternionFromEuler((0.0, 0.0, math.pi / 2)))
 STEP_BUDGET_MS = 1000.0 / 30.0
 RENDER_MS = 10.0
-
-
-def _times_ms(fn, repeats: int) -> np.ndarray:
-    times = np.empty(repeats)
-    for i in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times[i] = time.perf_counter() - start
-    return times * 1000.0
-
-
-def _summary(times_ms: np.ndarray) -> dict[str, float]:
-    return {
-        "median_ms": round(float(np.median(times_ms)), 4),
-        "p95_ms": round(float(np.percentile(times_ms, 95)), 4),
-        "n": len(times_ms),
-    }
 
 
 def _world():
@@ -127,14 +111,14 @@ def main() -> None:
     # Timings. The env step: small random probe-frame moves under force control; the
     # probe wanders, so it is brought back to the start every 20 steps (not timed).
     commands = rng.uniform(-1.0, 1.0, (args.steps, 5)) * (4.0, 4.0, 3.0, 2.0, 2.0)
-    step_ms = np.empty(args.steps)
+    step_s = np.empty(args.steps)
     results = []
     for i, command in enumerate(commands):
         if i % 20 == 0:
             arm.reset_joints(home)
         start = time.perf_counter()
         results.append(arm.move(*command))
-        step_ms[i] = (time.perf_counter() - start) * 1000.0
+        step_s[i] = time.perf_counter() - start
     arm.reset_joints(home)
     pose = arm.probe_in_world()
     indentation = arm.element_indentation_mm()
@@ -144,27 +128,27 @@ def main() -> None:
     cycle = iter(range(10**9))
 
     timings = {
-        "probe step (ProbeArm.move, force control on)": step_ms,
-        "  IK (damped least squares, to < 0.01 mm)": _times_ms(
+        "probe step (ProbeArm.move, force control on)": step_s,
+        "  IK (damped least squares, to < 0.01 mm)": call_times_s(
             lambda: arm._solve_ik(targets[next(cycle) % len(targets)], (home,)), args.steps
         ),
-        "  contact rays (128, one batch, with numpy)": _times_ms(
+        "  contact rays (128, one batch, with numpy)": call_times_s(
             lambda: arm._cast(pose), args.steps
         ),
-        "  admittance loop (from 3 mm off target)": _times_ms(
+        "  admittance loop (from 3 mm off target)": call_times_s(
             lambda: arm.controller.regulate(indentation - 3.0, indentation, arm.spring, 30.0),
             args.steps,
         ),
-        "peer: calculateInverseKinematics (single call)": _times_ms(
+        "peer: calculateInverseKinematics (single call)": call_times_s(
             lambda: _pybullet_single_ik(client, arm, targets[next(cycle) % len(targets)]),
             args.steps,
         ),
-        "peer: stepSimulation": _times_ms(client.stepSimulation, args.steps),
-        "peer: rayTestBatch (128 rays)": _times_ms(
+        "peer: stepSimulation": call_times_s(client.stepSimulation, args.steps),
+        "peer: rayTestBatch (128 rays)": call_times_s(
             lambda: client.rayTestBatch(ray_from, ray_to), args.steps
         ),
     }
-    summary = {name: _summary(t) for name, t in timings.items()}
+    summary = {name: summary_ms(t) for name, t in timings.items()}
     step_median = summary["probe step (ProbeArm.move, force control on)"]["median_ms"]
     for row in summary.values():
         row["step_over_this"] = round(step_median / max(row["median_ms"], 1e-9), 2)

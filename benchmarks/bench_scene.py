@@ -23,30 +23,13 @@ import numpy as np
 import pybullet
 from machine_info import describe_machine
 from pybullet_utils.bullet_client import BulletClient
+from timing import call_times_s, summary_ms
 
 from sonoray.assets.phantom import make_phantom
 from sonoray.envs.frames import MM_PER_M
 from sonoray.envs.scene import Scene, SceneConfig
 
 RESULTS = Path(__file__).parent / "results" / "bench_scene.json"
-
-
-def _per_call_s(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _summary_ms(times: list[float]) -> dict[str, float]:
-    ms = np.asarray(times) * 1000.0
-    return {
-        "median_ms": float(np.median(ms)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "n": len(ms),
-    }
 
 
 def _load_mesh_once(client: BulletClient, patient) -> None:
@@ -79,18 +62,18 @@ def main() -> None:
         mesh_s.append(time.perf_counter() - start)
         phantoms.append(p)
         print(f"phantom {seed}: skin mesh {faces} faces in {mesh_s[-1]:.2f} s")
-    results["skin_mesh"] = _summary_ms(mesh_s)
+    results["skin_mesh"] = summary_ms(mesh_s)
 
     # Peers: a fresh client, and the mesh load alone into it.
-    results["peer_fresh_client"] = _summary_ms(
-        _per_call_s(lambda: BulletClient(connection_mode=pybullet.DIRECT).disconnect(), 20)
+    results["peer_fresh_client"] = summary_ms(
+        call_times_s(lambda: BulletClient(connection_mode=pybullet.DIRECT).disconnect(), 20)
     )
     client = BulletClient(connection_mode=pybullet.DIRECT)
-    load_s = [_per_call_s(lambda p=p: _load_mesh_once(client, p), 1)[0] for p in phantoms]
-    results["mesh_load_into_pybullet"] = _summary_ms(load_s)
+    load_s = [call_times_s(lambda p=p: _load_mesh_once(client, p), 1)[0] for p in phantoms]
+    results["mesh_load_into_pybullet"] = summary_ms(load_s)
     bare_body = client.createMultiBody(0, client.createCollisionShape(client.GEOM_SPHERE))
-    results["peer_reset_base_pose"] = _summary_ms(
-        _per_call_s(
+    results["peer_reset_base_pose"] = summary_ms(
+        call_times_s(
             lambda: client.resetBasePositionAndOrientation(bare_body, (0, 0, 1), (0, 0, 0, 1)),
             args.resets,
         )
@@ -98,13 +81,13 @@ def main() -> None:
     client.disconnect()
 
     for n in sorted({1, args.patients}):
-        build = _per_call_s(lambda n=n: Scene(phantoms[:n], SceneConfig()).close(), 3)
-        results[f"scene_build_{n}_patients"] = _summary_ms(build)
+        build = call_times_s(lambda n=n: Scene(phantoms[:n], SceneConfig()).close(), 3)
+        results[f"scene_build_{n}_patients"] = summary_ms(build)
 
     with Scene(phantoms, SceneConfig()) as scene:
         carm = scene.carm
-        results["peer_reset_joint_state"] = _summary_ms(
-            _per_call_s(lambda: scene.client.resetJointState(carm.body_id, 0, 0.0), args.resets)
+        results["peer_reset_joint_state"] = summary_ms(
+            call_times_s(lambda: scene.client.resetJointState(carm.body_id, 0, 0.0), args.resets)
         )
         draws = [
             (int(rng.integers(len(phantoms))), rng.uniform(-0.03, 0.03, 2), rng.uniform(-5, 5))
@@ -117,23 +100,23 @@ def main() -> None:
             scene.set_active_patient(index, offset, yaw)
             carm.reset()
 
-        results["scene_reset"] = _summary_ms(_per_call_s(reset, args.resets))
+        results["scene_reset"] = summary_ms(call_times_s(reset, args.resets))
         commands = rng.uniform(-20, 20, (args.resets, 5))
         it_cmd = iter(commands)
-        results["carm_command"] = _summary_ms(
-            _per_call_s(lambda: carm.command(next(it_cmd)), args.resets)
+        results["carm_command"] = summary_ms(
+            call_times_s(lambda: carm.command(next(it_cmd)), args.resets)
         )
         patient_in_world = scene.patient_in_world
-        results["xray_geometry"] = _summary_ms(
-            _per_call_s(lambda: carm.xray_geometry_in_patient(patient_in_world), args.resets)
+        results["xray_geometry"] = summary_ms(
+            call_times_s(lambda: carm.xray_geometry_in_patient(patient_in_world), args.resets)
         )
         carm.reset()
-        results["collisions"] = _summary_ms(_per_call_s(scene.collisions, 200))
+        results["collisions"] = summary_ms(call_times_s(scene.collisions, 200))
         # Detector pressed into the skin: the concave-mesh narrow phase runs.
         scene.set_active_patient(0)
         scene.set_table_height(1.10)
         carm.command({"lift": -215.0}, relative=False)
-        results["collisions_in_contact"] = _summary_ms(_per_call_s(scene.collisions, 200))
+        results["collisions_in_contact"] = summary_ms(call_times_s(scene.collisions, 200))
 
     peer = results["peer_reset_base_pose"]["median_ms"]
     reset_ms = results["scene_reset"]["median_ms"]

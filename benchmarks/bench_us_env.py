@@ -34,7 +34,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+from machine_info import describe_machine
+from timing import call_times_s, summary_ms
 
 import sonoray.envs  # noqa: F401  (registers the ids)
 from sonoray.agents import evaluation
@@ -57,44 +58,6 @@ TARGET_ORACLE_SUCCESS = 0.9
 CT_TASKS = ("liver_long_axis", "spleen_long_axis")
 THREADS = 2
 PEERS = ("peer_bmode_render", "peer_arm_move", "peer_quality_scores", "peer_collision_check")
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
-def _timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def _summary(seconds: list[float]) -> dict:
-    ms = np.array(seconds) * 1e3
-    return {
-        "median_ms": round(float(np.median(ms)), 3),
-        "mean_ms": round(float(ms.mean()), 3),
-        "p95_ms": round(float(np.percentile(ms, 95)), 3),
-        "n": len(ms),
-    }
 
 
 def measure_speed(steps: int, image_size: int, threads: int) -> dict:
@@ -113,7 +76,7 @@ def measure_speed(steps: int, image_size: int, threads: int) -> dict:
         step_s.append(time.perf_counter() - start)
         if terminated or truncated:
             episode += 1
-            reset_s += _timed(lambda: env.reset(seed=episode), 1)  # noqa: B023
+            reset_s += call_times_s(lambda: env.reset(seed=episode), 1)  # noqa: B023
 
     # Peers on the env's final state: the same calls a step makes, one at a time.
     pose = inner.probe_in_patient
@@ -126,27 +89,27 @@ def measure_speed(steps: int, image_size: int, threads: int) -> dict:
         )
 
     frame = render()
-    render_s = _timed(render, steps)
-    quality_s = _timed(
+    render_s = call_times_s(render, steps)
+    quality_s = call_times_s(
         lambda: us_quality.ultrasound_quality(
             frame, pose, inner.plane.centroid_mm, inner.plane.normal, coupling[None]
         ),
         steps,
     )
-    collisions_s = _timed(inner.scene.collisions, steps)
+    collisions_s = call_times_s(inner.scene.collisions, steps)
     scale = inner._action_scale
-    move_s = _timed(lambda: inner.arm.move(*(rng.uniform(-1.0, 1.0, 5) * scale)), steps)
+    move_s = call_times_s(lambda: inner.arm.move(*(rng.uniform(-1.0, 1.0, 5) * scale)), steps)
     env.close()
 
     result = {
         "setup": f"1 env, {threads} torch thread(s), {image_size} px",
         "steps_per_s": round(len(step_s) / sum(step_s), 2),
-        "env_step": _summary(step_s),
-        "env_reset": _summary(reset_s) if reset_s else None,
-        "peer_bmode_render": _summary(render_s),
-        "peer_arm_move": _summary(move_s),
-        "peer_quality_scores": _summary(quality_s),
-        "peer_collision_check": _summary(collisions_s),
+        "env_step": summary_ms(step_s),
+        "env_reset": summary_ms(reset_s) if reset_s else None,
+        "peer_bmode_render": summary_ms(render_s),
+        "peer_arm_move": summary_ms(move_s),
+        "peer_quality_scores": summary_ms(quality_s),
+        "peer_collision_check": summary_ms(collisions_s),
     }
     step_ms = result["env_step"]["median_ms"]
     for peer in PEERS:
@@ -240,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-success", action="store_true", help="measure speed only")
     args = parser.parse_args(argv)
     command = "python benchmarks/bench_us_env.py " + " ".join(sys.argv[1:])
-    print(f"machine: {_machine()}")
+    print(f"machine: {describe_machine()}")
 
     # Each part keeps its machine state and command; a run that skips a part keeps the
     # part last recorded.
@@ -248,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(part: str, rows: list[dict], load_at_start: float, **extra) -> None:
         machine = {
-            **_machine(),
+            **describe_machine(),
             "load_average_1min_at_start": load_at_start,
             "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         }

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -41,6 +40,8 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+from machine_info import describe_machine
+from timing import call_times_s, summary_ms
 
 import sonoray.envs  # noqa: F401  (registers the ids)
 from sonoray.agents import evaluation
@@ -56,46 +57,6 @@ TARGET_ORACLE_MEDIAN_STEPS = 8
 CT_TASKS = ("chest_ap", "thoracic_spine_lateral", "cardiac_oblique")
 THREADS = 2
 WARM_UP_STEPS = 20
-
-
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "description": f"{cores}-core CPU, no GPU, shared with other jobs",
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min_at_start": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
-def _timed(fn, n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def _summary(seconds: list[float]) -> dict:
-    ms = np.array(seconds) * 1e3
-    return {
-        "median_ms": round(float(np.median(ms)), 3),
-        "mean_ms": round(float(ms.mean()), 3),
-        "p95_ms": round(float(np.percentile(ms, 95)), 3),
-        "n": len(ms),
-    }
 
 
 def measure_speed(steps: int, image_size: int) -> dict:
@@ -116,7 +77,7 @@ def measure_speed(steps: int, image_size: int) -> dict:
         step_s.append(time.perf_counter() - start)
         if terminated or truncated:
             episode += 1
-            reset_s += _timed(lambda: env.reset(seed=episode), 1)  # noqa: B023
+            reset_s += call_times_s(lambda: env.reset(seed=episode), 1)  # noqa: B023
 
     # Peers on the env's final pose: the calls a step makes, one at a time.
     geometry = inner._geometry()
@@ -133,9 +94,9 @@ def measure_speed(steps: int, image_size: int) -> dict:
 
     shot, footprint = render(), project()
     view = xray_quality.XRayViewTarget(target.centroid, inner._view_direction, target.points_mm)
-    render_s = _timed(render, steps)
-    project_s = _timed(project, steps)
-    quality_s = _timed(
+    render_s = call_times_s(render, steps)
+    project_s = call_times_s(project, steps)
+    quality_s = call_times_s(
         lambda: xray_quality.xray_image_quality(geometry, shot, footprint, view), steps
     )
     home = inner.joints()
@@ -145,19 +106,19 @@ def measure_speed(steps: int, image_size: int) -> dict:
         inner.carm.reset(home)
         inner._move(rng.uniform(-1.0, 1.0, 5) * scale)
 
-    move_s = _timed(move, steps)
+    move_s = call_times_s(move, steps)
     env.close()
 
     result = {
         "image_size": image_size,
         "steps_per_s": round(len(step_s) / sum(step_s), 2),
-        "steps_per_s_at_median_step": round(1e3 / _summary(step_s)["median_ms"], 2),
-        "env_step": _summary(step_s),
-        "env_reset": _summary(reset_s) if reset_s else None,
-        "peer_drr_render": _summary(render_s),
-        "peer_label_projection": _summary(project_s),
-        "peer_quality_scores": _summary(quality_s),
-        "peer_carm_move_swept_collisions": _summary(move_s),
+        "steps_per_s_at_median_step": round(1e3 / summary_ms(step_s)["median_ms"], 2),
+        "env_step": summary_ms(step_s),
+        "env_reset": summary_ms(reset_s) if reset_s else None,
+        "peer_drr_render": summary_ms(render_s),
+        "peer_label_projection": summary_ms(project_s),
+        "peer_quality_scores": summary_ms(quality_s),
+        "peer_carm_move_swept_collisions": summary_ms(move_s),
     }
     step_ms = result["env_step"]["median_ms"]
     for peer in [k for k in result if k.startswith("peer_")]:
@@ -223,18 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
 
+    # Each part keeps its own machine state and command; a run that skips a part keeps
+    # the part last recorded.
     report = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    report.update(
-        machine=_machine(),
-        command="python benchmarks/bench_xray_env.py " + " ".join(sys.argv[1:]),
-    )
+    run = {
+        "machine": describe_machine(),
+        "command": "python benchmarks/bench_xray_env.py " + " ".join(sys.argv[1:]),
+    }
 
     def save():
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"machine: {report['machine']}", flush=True)
+    print(f"machine: {run['machine']}", flush=True)
     if not args.skip_speed:
+        report["speed_run"] = run
         report["speed"] = [measure_speed(args.steps, size) for size in (128, 64)]
         for row in report["speed"]:
             print(
@@ -255,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         ct = args.ct if args.ct is not None and (args.ct / "ct.nii.gz").is_file() else None
         if ct is None:
             print("example CT not found (--ct or SONORAY_CHEST_CT): phantom pool only")
+        report["success_run"] = run
         report["success"] = measure_success(
             args.episodes, args.random_episodes, ct, args.seed, args.success_image_size
         )

@@ -43,7 +43,9 @@ def describe_machine(**extra) -> dict:
         versions["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
         pass
+    gpu = versions.get("cuda")
     return {
+        "description": f"{cores}-core CPU ({cpu}), " + (f"GPU {gpu}" if gpu else "no GPU"),
         "cpu": cpu,
         "cores": cores,
         "load_average_1min_at_start": load_average(),
