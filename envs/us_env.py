@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -37,6 +37,12 @@ from gymnasium import spaces
 from scipy.spatial.transform import Rotation
 
 from sonoray.envs import frames
+from sonoray.envs.env_config import (
+    check_int,
+    check_number,
+    config_from_kwargs,
+    is_finite_number,
+)
 from sonoray.envs.force_control import FORCE_DEFAULTS
 from sonoray.envs.patient_pool import PatientPool
 from sonoray.envs.scene import Scene, SceneConfig
@@ -165,10 +171,10 @@ class UltrasoundEnvConfig:
     def __post_init__(self) -> None:
         _check_choice("task", self.task, sorted(US_TASKS))
         _check_choice("preset", self.preset, sorted(PRESETS))
-        _check_int("image_size", self.image_size, 16)
-        _check_int("n_patients", self.n_patients, 1)
-        _check_int("patient_seed", self.patient_seed, 0)
-        _check_int("max_steps", self.max_steps, 1)
+        check_int("image_size", self.image_size, 16)
+        check_int("n_patients", self.n_patients, 1)
+        check_int("patient_seed", self.patient_seed, 0)
+        check_int("max_steps", self.max_steps, 1)
         for name in ("ct", "labels"):
             value = getattr(self, name)
             if (
@@ -180,19 +186,17 @@ class UltrasoundEnvConfig:
         if self.labels is not None and self.ct is None:
             raise ValueError(f"labels={self.labels!r} given without ct; set ct to the CT's path")
         for name in ("ct_spacing_mm", "plane_tolerance_mm", "angle_tolerance_deg"):
-            if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
+            check_number(name, getattr(self, name), 0.0, optional=True)
         for name in ("slide_mm", "rotate_deg", "tilt_deg", "force_cap_n"):
-            _check_positive(name, getattr(self, name))
+            check_number(name, getattr(self, name), 0.0)
         low, high = _check_range("comfort_force_n", self.comfort_force_n, 0.0)
         _check_range("start_distance_mm", self.start_distance_mm, 0.0)
         _check_range("start_angle_deg", self.start_angle_deg, 0.0, 90.0)
         if self.gain_db_range is not None:
             _check_range("gain_db_range", self.gain_db_range, -math.inf)
         target_low, target_high = _TARGET_FORCE_RANGE_N
-        if not (
-            _is_number(self.target_force_n) and target_low <= self.target_force_n <= target_high
-        ):
+        force = self.target_force_n
+        if not (is_finite_number(force) and target_low <= force <= target_high):
             raise ValueError(
                 f"target_force_n must lie in [{target_low}, {target_high}] N, "
                 f"got {self.target_force_n!r}"
@@ -208,13 +212,11 @@ class UltrasoundEnvConfig:
                 f"the controller's hard limit {_HARD_FORCE_CAP_N} N, got {self.force_cap_n!r}"
             )
         for name in ("patient_offset_mm", "patient_yaw_deg", "force_penalty_per_n"):
-            value = getattr(self, name)
-            if not (_is_number(value) and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not _is_number(self.success_bonus):
+            check_number(name, getattr(self, name), 0.0, low_open=False)
+        if not is_finite_number(self.success_bonus):
             raise ValueError(f"success_bonus must be a finite number, got {self.success_bonus!r}")
         for depth in self.depth_choices_mm:
-            _check_positive("depth_choices_mm", depth)
+            check_number("depth_choices_mm", depth, 0.0)
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as error:
@@ -227,21 +229,12 @@ class UltrasoundEnvConfig:
             )
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> UltrasoundEnvConfig:
-        """Defaults overridden by ``kwargs``; an unknown name raises ``ValueError`` listing
-        the allowed ones."""
-        allowed = [f.name for f in fields(cls)]
-        unknown = sorted(set(kwargs) - set(allowed))
-        if unknown:
-            raise ValueError(
-                f"unknown UltrasoundNavigation option(s) {unknown}; allowed: {allowed}"
-            )
-        for name in ("comfort_force_n", "start_distance_mm", "start_angle_deg", "gain_db_range"):
-            if name in kwargs and isinstance(kwargs[name], list):
-                kwargs[name] = tuple(kwargs[name])
-        if isinstance(kwargs.get("depth_choices_mm"), list):
-            kwargs["depth_choices_mm"] = tuple(kwargs["depth_choices_mm"])
-        return cls(**kwargs)
+    def from_kwargs(
+        cls, config: UltrasoundEnvConfig | None = None, **kwargs: Any
+    ) -> UltrasoundEnvConfig:
+        """``config`` (or the defaults) overridden by ``kwargs``; an unknown name raises
+        ``ValueError`` listing the allowed ones."""
+        return config_from_kwargs(cls, "UltrasoundNavigation", config, **kwargs)
 
 
 class UltrasoundNavigationEnv(gym.Env):
@@ -318,11 +311,7 @@ class UltrasoundNavigationEnv(gym.Env):
                 f"render_mode must be one of {self.metadata['render_modes']} or None, "
                 f"got {render_mode!r}"
             )
-        if config is None:
-            config = UltrasoundEnvConfig.from_kwargs(**kwargs)
-        elif kwargs:
-            config = UltrasoundEnvConfig.from_kwargs(**{**dataclasses.asdict(config), **kwargs})
-        self.config = config
+        self.config = config = UltrasoundEnvConfig.from_kwargs(config, **kwargs)
         self.render_mode = render_mode
         self.task: UltrasoundTask = US_TASKS[config.task]
         self.preset = PRESETS[config.preset]
@@ -721,27 +710,9 @@ def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
 
 
-def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
 def _check_choice(name: str, value: Any, allowed: list[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not (_is_number(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def _check_range(name: str, value: Any, minimum: float, maximum: float = math.inf):
@@ -749,7 +720,7 @@ def _check_range(name: str, value: Any, minimum: float, maximum: float = math.in
     if (
         pair is None
         or len(pair) != 2
-        or not all(_is_number(v) for v in pair)
+        or not all(is_finite_number(v) for v in pair)
         or not minimum <= pair[0] <= pair[1] <= maximum
     ):
         raise ValueError(

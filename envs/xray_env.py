@@ -27,7 +27,6 @@ the beam to lower the magnification (what the scripted oracle does).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import weakref
@@ -41,6 +40,7 @@ import torch
 from gymnasium import spaces
 
 from sonoray.envs.carm import JOINT_NAMES, CArm
+from sonoray.envs.env_config import check_int, check_number, config_from_kwargs
 from sonoray.envs.frames import MM_PER_M, patient_mm_to_world_m
 from sonoray.envs.patient_pool import PatientPool
 from sonoray.envs.scene import Scene, SceneConfig
@@ -151,36 +151,34 @@ class XRayEnvConfig:
                 object.__setattr__(self, name, str(value))
         if self.labels is not None and self.ct is None:
             raise ValueError(f"labels={self.labels!r} needs ct= (the CT it labels)")
-        _check_int("image_size", self.image_size, 16, 1024)
-        _check_int("n_patients", self.n_patients, 1, 1000)
-        _check_int("patient_seed", self.patient_seed, 0, 2**31 - 1)
-        _check_int("max_exposures", self.max_exposures, 2, 10_000)
-        _check_int("render_size_px", self.render_size_px, 64, 2048)
-        _check_number("ct_spacing_mm", self.ct_spacing_mm, 0.0, 20.0, optional=True)
-        _check_number("drr_max_voxel_mm", self.drr_max_voxel_mm, 0.0, 20.0, optional=True)
-        _check_number("patient_offset_mm", self.patient_offset_mm, 0.0, 150.0, low_open=False)
-        _check_number("patient_yaw_deg", self.patient_yaw_deg, 0.0, 30.0, low_open=False)
+        check_int("image_size", self.image_size, 16, 1024)
+        check_int("n_patients", self.n_patients, 1, 1000)
+        check_int("patient_seed", self.patient_seed, 0, 2**31 - 1)
+        check_int("max_exposures", self.max_exposures, 2, 10_000)
+        check_int("render_size_px", self.render_size_px, 64, 2048)
+        check_number("ct_spacing_mm", self.ct_spacing_mm, 0.0, 20.0, optional=True)
+        check_number("drr_max_voxel_mm", self.drr_max_voxel_mm, 0.0, 20.0, optional=True)
+        check_number("patient_offset_mm", self.patient_offset_mm, 0.0, 150.0, low_open=False)
+        check_number("patient_yaw_deg", self.patient_yaw_deg, 0.0, 30.0, low_open=False)
         self._range("perturb_angle_deg", 0.0, 90.0)
         self._range("perturb_translation_mm", 0.0, 400.0)
         from sonoray.sensors.xray_physics import KVP_RANGE
 
         self._range("kvp_range", *KVP_RANGE)
         self._range("mas_range", 1e-3, 1000.0)
-        _check_number("kvp", self.kvp, *KVP_RANGE, optional=True, low_open=False)
-        _check_number("mas", self.mas, 0.0, 1000.0, optional=True)
-        _check_number("step_translation_mm", self.step_translation_mm, 0.0, 200.0)
-        _check_number("step_rotation_deg", self.step_rotation_deg, 0.0, 90.0)
-        _check_number("angle_tolerance_deg", self.angle_tolerance_deg, 0.0, 90.0, optional=True)
-        _check_number(
-            "centring_tolerance_mm", self.centring_tolerance_mm, 0.0, 150.0, optional=True
-        )
+        check_number("kvp", self.kvp, *KVP_RANGE, optional=True, low_open=False)
+        check_number("mas", self.mas, 0.0, 1000.0, optional=True)
+        check_number("step_translation_mm", self.step_translation_mm, 0.0, 200.0)
+        check_number("step_rotation_deg", self.step_rotation_deg, 0.0, 90.0)
+        check_number("angle_tolerance_deg", self.angle_tolerance_deg, 0.0, 90.0, optional=True)
+        check_number("centring_tolerance_mm", self.centring_tolerance_mm, 0.0, 150.0, optional=True)
         for name in (
             "reward_score_weight",
             "reward_dose_weight",
             "reward_collision_penalty",
             "reward_success_bonus",
         ):
-            _check_number(name, getattr(self, name), 0.0, 1e6, low_open=False)
+            check_number(name, getattr(self, name), 0.0, 1e6, low_open=False)
         if not isinstance(self.randomize_exposure, (bool, np.bool_)):
             raise ValueError(
                 f"randomize_exposure must be True or False, got {self.randomize_exposure!r}"
@@ -214,40 +212,7 @@ class XRayEnvConfig:
         Raises:
             ValueError: naming unknown fields and listing the allowed ones, or a bad value.
         """
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(overrides) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown XRayPositioning option(s) {unknown}; allowed: {allowed}")
-        base = config if config is not None else cls()
-        if not isinstance(base, cls):
-            raise ValueError(f"config must be an {cls.__name__}, got {type(base).__name__}")
-        return dataclasses.replace(base, **overrides)
-
-
-def _check_int(name: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-
-
-def _check_number(
-    name: str,
-    value: Any,
-    low: float,
-    high: float,
-    *,
-    optional: bool = False,
-    low_open: bool = True,
-) -> None:
-    if value is None and optional:
-        return
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
-    if not (ok and value <= high):
-        bracket = "(" if low_open else "["
-        none = " or None" if optional else ""
-        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}]{none}, got {value!r}")
+        return config_from_kwargs(cls, "XRayPositioning", config, **overrides)
 
 
 def carm_beam_direction(orbital_deg: float, angular_deg: float) -> np.ndarray:
