@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -345,9 +345,3 @@ def pending_jobs(jobs: Iterable[EpisodeJob], done: Iterable[dict]) -> Iterator[E
     """Jobs whose records are not among ``done``."""
     done_keys = {record_key(r) for r in done}
     return (j for j in jobs if j.key not in done_keys)
-
-
-def config_to_json(config: EvalConfig) -> dict:
-    d = asdict(config)
-    d["tasks"] = {k: list(v) for k, v in config.tasks.items()}
-    return d

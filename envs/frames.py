@@ -38,16 +38,6 @@ PATIENT_AXES_IN_WORLD = np.array(
 PATIENT_AXES_IN_WORLD.setflags(write=False)
 
 
-def mm_to_m(value_mm: np.ndarray | float) -> np.ndarray | float:
-    """Millimetres to metres."""
-    return np.asarray(value_mm, dtype=np.float64) / MM_PER_M
-
-
-def m_to_mm(value_m: np.ndarray | float) -> np.ndarray | float:
-    """Metres to millimetres."""
-    return np.asarray(value_m, dtype=np.float64) * MM_PER_M
-
-
 def _finite_vector(name: str, value: Sequence[float] | np.ndarray, length: int) -> np.ndarray:
     arr = np.asarray(value, dtype=np.float64)
     if arr.shape != (length,):
