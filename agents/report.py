@@ -83,21 +83,35 @@ def _success_chart(results: list[dict], path: Path) -> None:
 
 
 def _score_curves(records: list[dict], path: Path) -> None:
-    groups: dict[str, list[list[float]]] = defaultdict(list)
+    """One panel per env: colour by task, line style by agent (scripted solid)."""
+    groups: dict[str, dict[tuple[str, str], list[list[float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for r in records:
         trace = [s for s in r.get("score_trace", []) if s is not None]
         if trace:
-            groups[_label(r)].append(trace)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for label, traces in sorted(groups.items()):
-        n = max(len(t) for t in traces)
-        padded = np.array([t + [t[-1]] * (n - len(t)) for t in traces])  # hold the final score
-        ax.plot(np.arange(n), padded.mean(0), label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean overall image-quality score")
-    ax.set_ylim(0, 1)
-    if groups:
-        ax.legend(fontsize=6, ncol=2)
+            groups[r["env_id"]][(r["task"], Path(r["agent"]).name)].append(trace)
+    envs = sorted(groups) or [""]
+    fig, axes = plt.subplots(len(envs), 1, figsize=(9, 3.2 * len(envs)), squeeze=False)
+    styles = {"scripted": "-", "random": "--"}
+    for ax, env_id in zip(axes[:, 0], envs, strict=True):
+        tasks = sorted({task for task, _ in groups[env_id]})
+        for (task, agent), traces in sorted(groups[env_id].items()):
+            n = max(len(t) for t in traces)
+            padded = np.array([t + [t[-1]] * (n - len(t)) for t in traces])  # hold the final
+            ax.plot(
+                np.arange(n),
+                padded.mean(0),
+                styles.get(agent, ":"),
+                color=plt.cm.tab10(tasks.index(task) % 10),
+                label=f"{task} {agent}",
+            )
+        ax.set_title(env_id, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("mean overall score")
+        ax.set_ylim(0, 1)
+        if groups[env_id]:
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
