@@ -74,9 +74,27 @@ class PatientPool:
     def __getitem__(self, index: int) -> Patient:
         return self.patients[index]
 
-    def pick(self, rng: np.random.Generator) -> int:
-        """Index of the patient for an episode, drawn from ``rng``."""
-        return int(rng.integers(len(self.patients)))
+    def pick(self, rng: np.random.Generator, options: dict | None = None) -> int:
+        """Index of the patient for an episode: drawn from ``rng``, or ``reset`` options'
+        ``patient_index`` (the draw is made either way, so the rest of the episode's
+        randomness does not depend on the choice).
+
+        Raises:
+            ValueError: for an unknown reset option or an index outside the pool.
+        """
+        index = int(rng.integers(len(self.patients)))
+        options = dict(options or {})
+        unknown = sorted(set(options) - {"patient_index"})
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; allowed: ['patient_index']")
+        chosen = options.get("patient_index")
+        if chosen is None:
+            return index
+        if isinstance(chosen, bool) or not isinstance(chosen, (int, np.integer)):
+            raise ValueError(f"patient index must be an integer, got {chosen!r}")
+        if not 0 <= chosen < len(self.patients):
+            raise ValueError(f"patient index must be in [0, {len(self.patients)}), got {chosen}")
+        return int(chosen)
 
     def __repr__(self) -> str:
         return f"PatientPool({self.source}, {[p.name for p in self.patients]})"

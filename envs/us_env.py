@@ -419,7 +419,7 @@ class UltrasoundNavigationEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         rng, cfg = self.np_random, self.config
-        index = self.pool.pick(rng)
+        index = self.pool.pick(rng, options)
         offset_m = rng.uniform(-1.0, 1.0, 2) * cfg.patient_offset_mm / frames.MM_PER_M
         yaw_deg = float(rng.uniform(-1.0, 1.0) * cfg.patient_yaw_deg)
         depths = sorted(self._simulators)

@@ -509,14 +509,7 @@ class XRayPositioningEnv(gym.Env):
         super().reset(seed=seed)
         self._needs_reset = True  # until this reset completes
         cfg, rng = self.config, self.np_random
-        options = dict(options or {})
-        unknown = sorted(set(options) - {"patient_index"})
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}; allowed: ['patient_index']")
-
-        index = self.pool.pick(rng)
-        if options.get("patient_index") is not None:
-            index = options["patient_index"]
+        index = self.pool.pick(rng, options)
         offset_m = rng.uniform(-1.0, 1.0, 2) * cfg.patient_offset_mm / MM_PER_M
         yaw_deg = float(rng.uniform(-1.0, 1.0) * cfg.patient_yaw_deg)
         self.scene.set_active_patient(index, offset_m, yaw_deg)

@@ -241,6 +241,15 @@ def test_same_seed_same_episode_bit_for_bit(env):
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=False))
 
 
+def test_reset_options_pick_a_patient_or_raise(env):
+    env.reset(seed=0, options={"patient_index": 1})
+    assert env.unwrapped.patient_index == 1
+    with pytest.raises(ValueError, match=r"unknown reset option\(s\) \['zzz'\]"):
+        env.reset(seed=0, options={"zzz": 1})
+    with pytest.raises(ValueError, match=r"patient index must be in \[0, 2\), got 99"):
+        env.reset(seed=0, options={"patient_index": 99})
+
+
 @pytest.mark.slow
 def test_nan_and_misshapen_actions_raise(env):
     env.reset(seed=0)
