@@ -48,7 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--bc-episodes",
         type=int,
         default=0,
-        help="warm start: behaviour cloning on this many scripted-oracle episodes",
+        help="warm start: imitate the scripted oracle over this many episodes (DAgger)",
+    )
+    p.add_argument(
+        "--bc-rounds",
+        type=int,
+        default=1,
+        help="DAgger rounds the --bc-episodes are split into; round 0 follows the oracle, "
+        "later rounds the policy being trained",
+    )
+    p.add_argument(
+        "--bc-noise", type=float, default=0.2, help="std of the action noise in imitation rollouts"
+    )
+    p.add_argument(
+        "--bc-epochs", type=int, default=5, help="passes over the pooled data per DAgger round"
     )
     p.add_argument(
         "--resume",
@@ -72,9 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         task = args.task or tasks[0]
         if task not in tasks:
             raise ValueError(f"unknown task {task!r} for {args.env}; allowed: {list(tasks)}")
-        for name in ("timesteps",):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+        for name, low in (("timesteps", 1), ("bc_episodes", 0), ("bc_rounds", 1), ("bc_epochs", 1)):
+            if getattr(args, name) < low:
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag} must be at least {low}, got {getattr(args, name)}")
+        if not 0.0 <= args.bc_noise <= 2.0:
+            raise ValueError(f"--bc-noise must lie in [0, 2], got {args.bc_noise}")
         if args.resume and not Path(args.resume).is_file():
             raise ValueError(f"--resume {args.resume!r} does not exist")
         hp = load_hyperparams(args.hyperparams, args.env, args.algo, args.preset)
@@ -96,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             eval_episodes=hp["eval_episodes"],
             checkpoint_freq=hp["checkpoint_freq"],
             bc_episodes=args.bc_episodes,
+            bc_rounds=args.bc_rounds,
+            bc_noise=args.bc_noise,
+            bc_epochs=args.bc_epochs,
         )
         final = train(config, resume=args.resume)
     except ValueError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def hyperparams(tmp_path) -> Path:
     return path
 
 
-def _train(hp: Path, out: Path, env_id: str, *extra: str, steps: int = 200) -> int:
+def _train(
+    hp: Path, out: Path, env_id: str, *extra: str, steps: int = 200, device: str = "cpu"
+) -> int:
     return train.main(
         [
             "--env",
@@ -45,7 +48,7 @@ def _train(hp: Path, out: Path, env_id: str, *extra: str, steps: int = 200) -> i
             "--timesteps",
             str(steps),
             "--device",
-            "cpu",
+            device,
             "--hyperparams",
             str(hp),
             "--out",
@@ -61,38 +64,43 @@ def test_training_writes_a_policy_that_evaluate_loads_and_resume_continues(
     tmp_path, hyperparams, env_id
 ):
     out = tmp_path / "run"
-    assert _train(hyperparams, out, env_id) == 0
+    assert _train(hyperparams, out, env_id, "--bc-episodes", "2", "--bc-rounds", "2") == 0
     policy = out / "policy.zip"
     config = read_policy_config(policy)
     steps = config["extra"]["num_timesteps"]
     assert steps >= 200
+    assert config["extra"]["env_kwargs"]["image_size"] == 64
     assert (out / "config.yaml").is_file() and list((out / "tb").rglob("events.*"))
     assert list((out / "checkpoints").glob("policy_*.zip"))
     with zipfile.ZipFile(policy) as z:
         assert set(z.namelist()) == {"config.json", "weights.npz"}
+    rounds = yaml.safe_load((out / "config.yaml").read_text())["notes"]["imitation_rounds"]
+    assert [r["behaviour"] for r in rounds] == ["oracle + noise", "policy + noise"]
+    assert rounds[1]["samples"] > rounds[0]["samples"] > 0  # DAgger pools its rounds
+    evaluations = [
+        json.loads(x) for x in (out / "eval" / "evaluations.jsonl").read_text().splitlines()
+    ]
+    assert evaluations[0]["timesteps"] == 0 and evaluations[-1]["timesteps"] == steps
+    assert all(0.0 <= e["success_rate"] <= 1.0 and e["wall_s"] > 0 for e in evaluations)
+    assert read_policy_config(out / "best_policy.zip")["extra"]["held_out_eval"] in evaluations
+
+    # evaluate.py takes the env and task from the policy file when none is named
+    argv = ["--agent", str(policy), "--episodes", "1", "--out", str(tmp_path / "eval")]
+    assert evaluate.main([*argv, "--patient-seed", "500", "--n-patients", "1"]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert {(r["env_id"], r["task"]) for r in summary["results"]} == {(env_id, TASKS[env_id])}
 
     assert (
-        evaluate.main(
-            [
-                "--env",
-                env_id,
-                "--task",
-                TASKS[env_id],
-                "--agent",
-                str(policy),
-                "--episodes",
-                "1",
-                "--image-size",
-                "64",
-                "--out",
-                str(tmp_path / "eval"),
-            ]
+        _train(
+            hyperparams,
+            tmp_path / "resumed",
+            env_id,
+            "--resume",
+            str(policy),
+            steps=100,
+            device="auto",
         )
         == 0
-    )
-
-    assert (
-        _train(hyperparams, tmp_path / "resumed", env_id, "--resume", str(policy), steps=100) == 0
     )
     resumed = read_policy_config(tmp_path / "resumed" / "policy.zip")
     assert resumed["extra"]["num_timesteps"] > steps
@@ -101,6 +109,31 @@ def test_training_writes_a_policy_that_evaluate_loads_and_resume_continues(
 def test_unknown_algorithm_is_a_clear_error(hyperparams, tmp_path, capsys):
     assert _train(hyperparams, tmp_path, ENV_IDS[0], "--algo", "dqn") == 2
     assert "unknown algorithm 'dqn'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--bc-rounds", "0", "--bc-rounds must be at least 1, got 0"),
+        ("--bc-episodes", "-1", "--bc-episodes must be at least 0, got -1"),
+        ("--bc-epochs", "0", "--bc-epochs must be at least 1, got 0"),
+        ("--bc-noise", "-0.5", "--bc-noise must lie in [0, 2], got -0.5"),
+        ("--timesteps", "0", "--timesteps must be at least 1, got 0"),
+    ],
+)
+def test_bad_imitation_settings_are_clear_errors(
+    hyperparams, tmp_path, capsys, flag, value, message
+):
+    assert _train(hyperparams, tmp_path / "run", ENV_IDS[0], flag, value) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_returns_to_go_are_discounted_sums():
+    from sonoray.agents.training import _returns_to_go
+
+    assert _returns_to_go([1.0, 0.0, 2.0], 0.5) == [1.5, 1.0, 2.0]
+    assert _returns_to_go([], 0.9) == []
 
 
 def test_malformed_yaml_is_a_clear_error(tmp_path, capsys):
