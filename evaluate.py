@@ -44,16 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--env",
         nargs="+",
-        default=["all"],
+        default=None,
         metavar="ID",
-        help="environment ids, or 'all' for every registered one",
+        help="environment ids, or 'all' for every registered one (default: the env of the "
+        "policy files among --agent, else all)",
     )
     p.add_argument(
         "--task",
         nargs="+",
         default=None,
         metavar="NAME",
-        help="task names (default: every task of each env)",
+        help="task names (default: the tasks of the policy files among --agent when --env is "
+        "not given, else every task of each env)",
     )
     p.add_argument(
         "--agent",
@@ -82,6 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="label volume for --ct (TotalSegmentator naming)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        help="named env preset of the hyperparameter file (e.g. easy: small start "
+        "perturbations), applied to every env id",
+    )
+    p.add_argument(
+        "--hyperparams",
+        default=None,
+        metavar="FILE",
+        help="YAML of hyperparameters and presets per env id (default: the package's)",
+    )
+    p.add_argument(
+        "--patient-seed",
+        type=int,
+        default=None,
+        help="seed of the first phantom of the pool (phantom k has seed patient-seed + k); "
+        "choose one whose phantoms a policy never saw in training (default: the env's, 0)",
+    )
+    p.add_argument(
+        "--n-patients",
+        type=int,
+        default=None,
+        help="phantoms in the pool (default: the env's)",
     )
     p.add_argument(
         "--image-size",
@@ -184,6 +211,50 @@ def _check_agents(agents: list[str]) -> tuple[str, ...]:
                 f"agent {a!r} is neither one of {ev.BUILTIN_AGENTS} nor an existing policy file"
             )
     return tuple(agents)
+
+
+def _policy_targets(
+    agents: tuple[str, ...], trusted: bool, env_named: bool
+) -> dict[str, tuple[str, str]]:
+    """Per sonoray policy file among ``agents``, the env id and task it was trained on."""
+    from sonoray.agents.policy_io import UnsafeCheckpointError, read_policy_config
+
+    targets = {}
+    for agent in agents:
+        if agent in ev.BUILTIN_AGENTS:
+            continue
+        try:
+            config = read_policy_config(agent)
+        except UnsafeCheckpointError as exc:
+            if not trusted:
+                raise UsageError(f"--agent {agent!r}: {exc}") from None
+            if not env_named:
+                raise UsageError(
+                    f"--agent {agent!r} is not a sonoray policy file and does not say what it "
+                    "was trained on: name its --env and --task"
+                ) from None
+            continue
+        except ValueError as exc:
+            raise UsageError(f"--agent {agent!r}: {exc}") from None
+        targets[agent] = (config["env_id"], config["task"])
+    return targets
+
+
+def _presets(env_ids: tuple[str, ...], preset: str | None, path: str | None) -> dict:
+    """Per env id, the env settings of the named preset (none without ``preset``)."""
+    if preset is None:
+        if path is not None:
+            raise UsageError("--hyperparams is read only for --preset; name a --preset")
+        return {}
+    from sonoray.agents.training import DEFAULT_HYPERPARAMS, load_presets
+
+    try:
+        return {e: load_presets(path or DEFAULT_HYPERPARAMS, e)[preset] for e in env_ids}
+    except KeyError:
+        allowed = {e: sorted(load_presets(path or DEFAULT_HYPERPARAMS, e)) for e in env_ids}
+        raise UsageError(f"unknown --preset {preset!r}; presets per env: {allowed}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _check_ct(ct: str, labels: str | None) -> None:
@@ -306,12 +377,31 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             load_baseline(args.baseline)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    env_ids = _resolve_envs(args.env)
-    tasks = _resolve_tasks(env_ids, args.task)
     agents = _check_agents(args.agent)
+    targets = _policy_targets(agents, args.trusted, env_named=args.env is not None)
+    env_names, task_names = args.env, args.task
+    if env_names is None and targets:  # the policies' own envs and tasks
+        env_names = sorted({env for env, _ in targets.values()})
+        task_names = task_names or sorted({task for _, task in targets.values()})
+    own_task = args.env is None and args.task is None
+    env_ids = _resolve_envs(env_names or ["all"])
+    tasks = _resolve_tasks(env_ids, task_names)
+    for agent, (env, _) in targets.items():
+        if env not in env_ids:
+            raise UsageError(
+                f"--agent {agent!r} was trained on {env}, which is not among --env {list(env_ids)}"
+            )
     device = _device(args.device)
 
     env_kwargs = {"image_size": args.image_size, "device": device}
+    for name in ("patient_seed", "n_patients"):
+        value = getattr(args, name)
+        if value is not None:
+            low = 0 if name == "patient_seed" else 1
+            if value < low:
+                flag = name.replace("_", "-")
+                raise UsageError(f"--{flag} must be at least {low}, got {value}")
+            env_kwargs[name] = value
     if args.ct:
         env_kwargs["ct"] = args.ct
         if args.labels:
@@ -323,6 +413,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         episodes=args.episodes,
         seed=args.seed,
         env_kwargs=env_kwargs,
+        env_overrides=_presets(env_ids, args.preset, args.hyperparams),
+        agent_targets={a: (env, task if own_task else None) for a, (env, task) in targets.items()},
         n_envs=args.n_envs,
         shard=shard,
         video=args.video,

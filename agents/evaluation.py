@@ -86,6 +86,10 @@ class EvalConfig:
         episodes: Episodes per (env id, task, agent).
         seed: Base seed of the episode seeds.
         env_kwargs: Extra keyword arguments for every ``gymnasium.make``.
+        env_overrides: Per env id, keyword arguments on top of ``env_kwargs`` (a named
+            preset such as ``easy``).
+        agent_targets: Per agent, the env id (and task, or None for any) it runs on; a
+            policy trained on one env cannot act in another. Agents not named run on all.
         n_envs: Worker processes (1 = run in this process); changes speed only.
         shard: (i, N): run the episodes whose index is i modulo N.
         video: Record this many episodes per (env id, task, agent) as MP4.
@@ -98,6 +102,8 @@ class EvalConfig:
     episodes: int = 4
     seed: int = 0
     env_kwargs: dict[str, Any] = field(default_factory=dict)
+    env_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    agent_targets: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     n_envs: int = 1
     shard: tuple[int, int] = (0, 1)
     video: int = 0
@@ -111,6 +117,9 @@ def plan_jobs(config: EvalConfig) -> list[EpisodeJob]:
     for env_id in config.env_ids:
         for task in config.tasks[env_id]:
             for agent in config.agents:
+                target_env, target_task = config.agent_targets.get(agent, (env_id, None))
+                if target_env != env_id or target_task not in (None, task):
+                    continue
                 for index in range(config.episodes):
                     if index % n != i:
                         continue
@@ -217,6 +226,10 @@ def run_episode(job: EpisodeJob, env_kwargs: dict, out_dir: str, trusted: bool =
     import torch
 
     started = time.perf_counter()
+    if job.agent not in BUILTIN_AGENTS:  # render what the policy was trained to see
+        from sonoray.agents.policy_io import observation_kwargs
+
+        env_kwargs = {**env_kwargs, **observation_kwargs(job.agent)}
     env = _get_env(job.env_id, job.task, env_kwargs, job.record_video)
     agent = _get_agent(job.agent, job.env_id, env.unwrapped, trusted)
     obs, info = env.reset(seed=job.seed)
@@ -316,7 +329,11 @@ def run_jobs(
     on_record: Callable[[dict], None],
 ) -> None:
     """Run ``jobs`` (in ``config.n_envs`` worker processes) and hand each record over."""
-    args = [(job, config.env_kwargs, str(out_dir), config.trusted) for job in jobs]
+    args = [
+        (job, {**config.env_kwargs, **config.env_overrides.get(job.env_id, {})}, str(out_dir))
+        + (config.trusted,)
+        for job in jobs
+    ]
     if config.n_envs <= 1 or len(jobs) <= 1:
         _worker_init(1)
         for a in args:

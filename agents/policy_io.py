@@ -41,6 +41,21 @@ def _describe_space(space: gym.Space) -> dict:
     raise ValueError(f"unsupported space {space!r}; allowed: Box and Dict of Box")
 
 
+def _unique_tensors(state: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Arrays of a state dict with each shared tensor stored once, and ``{alias: key}``
+    for the rest (stable-baselines3 registers a shared feature extractor under three
+    names)."""
+    arrays, aliases, seen = {}, {}, {}
+    for key, tensor in state.items():
+        ident = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        arrays[key] = tensor.detach().cpu().numpy()
+    return arrays, aliases
+
+
 def save_policy(model: Any, path: str | Path, *, env_id: str, task: str, extra: dict | None = None):
     """Save a stable-baselines3 model's policy as a sonoray policy file.
 
@@ -56,6 +71,7 @@ def save_policy(model: Any, path: str | Path, *, env_id: str, task: str, extra: 
         raise ValueError(f"cannot save a {type(model).__name__}; allowed: {ALGORITHMS}")
     kwargs = dict(model.policy_kwargs or {})
     act = kwargs.pop("activation_fn", None)
+    arrays, aliases = _unique_tensors(model.policy.state_dict())
     config = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -67,8 +83,8 @@ def save_policy(model: Any, path: str | Path, *, env_id: str, task: str, extra: 
         "observation_space": _describe_space(model.observation_space),
         "action_space": _describe_space(model.action_space),
         "extra": extra or {},
+        "aliases": aliases,
     }
-    arrays = {k: v.detach().cpu().numpy() for k, v in model.policy.state_dict().items()}
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     path = Path(path)
@@ -76,6 +92,22 @@ def save_policy(model: Any, path: str | Path, *, env_id: str, task: str, extra: 
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("config.json", json.dumps(config, indent=2, sort_keys=True))
         z.writestr("weights.npz", buf.getvalue())
+
+
+#: Training env settings that change what the policy observes; evaluation applies them to
+#: the policy's episodes (rendering voxel size, probe preset).
+OBSERVATION_KWARGS = ("drr_max_voxel_mm", "preset")
+
+
+def observation_kwargs(path: str | Path) -> dict:
+    """The env settings a sonoray policy file was trained with that shape its observations
+    (:data:`OBSERVATION_KWARGS`); empty for other files."""
+    try:
+        config = read_policy_config(path)
+    except ValueError:
+        return {}
+    trained = config.get("extra", {}).get("env_kwargs", {})
+    return {k: trained[k] for k in OBSERVATION_KWARGS if k in trained}
 
 
 def read_policy_config(path: str | Path) -> dict:
@@ -162,6 +194,10 @@ def load_policy(path: str | Path, env: gym.Env, *, trusted: bool = False, device
         np.load(io.BytesIO(z.read("weights.npz")), allow_pickle=False) as npz,
     ):
         state = {k: torch.from_numpy(npz[k]) for k in npz.files}
+    aliases = config.get("aliases") or {}
+    if not isinstance(aliases, dict) or not all(v in state for v in aliases.values()):
+        raise ValueError(f"{str(path)!r}: aliases {aliases!r} name weights the file lacks")
+    state.update({alias: state[key] for alias, key in aliases.items()})
     policy.load_state_dict(state)
     policy.set_training_mode(False)
     return PolicyAgent(policy.to(device), name=str(path))

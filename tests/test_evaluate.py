@@ -7,6 +7,7 @@ these tests run in seconds; the real envs are evaluated end to end in
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -22,7 +23,12 @@ import pytest
 import evaluate
 from sonoray.agents import evaluation as ev
 from sonoray.agents import registry
-from sonoray.agents.policy_io import UnsafeCheckpointError, load_policy, save_policy
+from sonoray.agents.policy_io import (
+    UnsafeCheckpointError,
+    load_policy,
+    read_policy_config,
+    save_policy,
+)
 from sonoray.agents.statistics import check_baseline, load_baseline, wilson_interval
 
 TOY_ID = "sonoray-test/Toy-v0"
@@ -234,6 +240,8 @@ def test_four_shards_merge_into_the_unsharded_run(tmp_path):
         (["--shard", "5/4"], "5/4"),
         (["--shard", "x"], "i/N"),
         (["--episodes", "0"], "--episodes"),
+        (["--patient-seed", "-1"], "--patient-seed must be at least 0, got -1"),
+        (["--n-patients", "0"], "--n-patients must be at least 1, got 0"),
     ],
 )
 def test_bad_options_exit_2_with_a_clear_message(tmp_path, capsys, args, message):
@@ -332,6 +340,22 @@ def test_checkpoint_with_a_malicious_pickle_is_refused_without_running(tmp_path)
     assert not marker.exists()
 
 
+def test_trusted_sb3_zip_needs_env_and_task_named(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    _Evil.marker = marker
+    payload = pickle.dumps(_Evil())
+    sb3_zip = tmp_path / "model.zip"
+    with zipfile.ZipFile(sb3_zip, "w") as z:
+        z.writestr("data", json.dumps({"policy_class": {":serialized:": payload.hex()}}))
+        z.writestr("policy.pth", payload)
+    argv = ["--agent", str(sb3_zip), "--out", str(tmp_path / "o"), "--trusted"]
+    assert evaluate.main(argv) == 2
+    assert "name its --env and --task" in capsys.readouterr().err
+    assert evaluate.main(argv[:-1]) == 2
+    assert "--trusted" in capsys.readouterr().err
+    assert not marker.exists()
+
+
 def test_policy_weights_with_pickled_objects_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     _Evil.marker = marker
@@ -376,30 +400,37 @@ def test_saved_policy_round_trips_as_data(tmp_path):
         policy_kwargs={"net_arch": [16]},
     )
     path = tmp_path / "toy_policy.zip"
-    save_policy(model, path, env_id=TOY_ID, task="near")
+    save_policy(model, path, env_id=TOY_ID, task="near", extra={"env_kwargs": {"image_size": 40}})
     agent = load_policy(path, env)
     obs, _ = env.reset(seed=1)
     expected, _ = model.predict(obs, deterministic=True)
     np.testing.assert_allclose(agent.act(obs, env), expected, rtol=1e-6)
-    assert (
-        evaluate.main(
-            [
-                "--env",
-                TOY_ID,
-                "--image-size",
-                "40",
-                "--episodes",
-                "1",
-                "--task",
-                "near",
-                "--agent",
-                str(path),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 0
-    )
+    # the feature extractor the actor and critic share is stored once
+    aliases = read_policy_config(path)["aliases"]
+    assert aliases and all(k.startswith(("pi_features", "vf_features")) for k in aliases)
+    with zipfile.ZipFile(path) as z, np.load(io.BytesIO(z.read("weights.npz"))) as npz:
+        assert not set(aliases) & set(npz.files)
+        config = json.loads(z.read("config.json"))
+    broken = tmp_path / "broken.zip"
+    with zipfile.ZipFile(broken, "w") as z:
+        z.writestr("config.json", json.dumps({**config, "aliases": {"a": "missing"}}))
+        with zipfile.ZipFile(path) as src:
+            z.writestr("weights.npz", src.read("weights.npz"))
+    with pytest.raises(ValueError, match="aliases"):
+        load_policy(broken, env)
+    # without --env and --task, evaluate.py runs the policy on what it was trained on
+    out = tmp_path / "o"
+    argv = ["--image-size", "40", "--episodes", "1", "--agent", str(path), "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    assert {(r["env_id"], r["task"]) for r in _records(out)} == {(TOY_ID, "near")}
+
+    from sonoray.agents.policy_io import observation_kwargs
+
+    assert observation_kwargs(path) == {}
+    trained = {"image_size": 64, "drr_max_voxel_mm": 4.0, "preset": "linear", "n_patients": 8}
+    other = tmp_path / "rendered.zip"
+    save_policy(model, other, env_id=TOY_ID, task="near", extra={"env_kwargs": trained})
+    assert observation_kwargs(other) == {"drr_max_voxel_mm": 4.0, "preset": "linear"}
 
 
 _KILLABLE_RUN = """
@@ -461,3 +492,65 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         capture_output=True,
     )
     assert _records(cut) == _records(full)
+
+
+def test_named_preset_applies_to_the_env_and_bad_ones_exit_2(tmp_path, capsys):
+    import yaml
+
+    hp = tmp_path / "hp.yaml"
+    hp.write_text(yaml.safe_dump({TOY_ID: {"presets": {"big": {"image_size": 12}}}}))
+    out = tmp_path / "o"
+    assert (
+        _run(
+            "--task",
+            "near",
+            "--agent",
+            "scripted",
+            "--episodes",
+            "1",
+            "--out",
+            str(out),
+            "--preset",
+            "big",
+            "--hyperparams",
+            str(hp),
+        )
+        == 0
+    )
+    import cv2
+
+    image = cv2.imread(str(out / _records(out)[0]["image"]), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (12, 12)  # the preset's image size, not --image-size 8
+    assert _run("--out", str(tmp_path / "p"), "--preset", "nope", "--hyperparams", str(hp)) == 2
+    assert "unknown --preset 'nope'" in capsys.readouterr().err
+    assert _run("--out", str(tmp_path / "q"), "--hyperparams", str(hp)) == 2
+    assert "name a --preset" in capsys.readouterr().err
+
+
+def test_policies_run_only_on_the_env_and_task_they_target():
+    config = ev.EvalConfig(
+        env_ids=("env-a", "env-b"),
+        tasks={"env-a": ("t1", "t2"), "env-b": ("t3",)},
+        agents=("random", "pa.zip", "pb.zip"),
+        episodes=2,
+        agent_targets={"pa.zip": ("env-a", "t2"), "pb.zip": ("env-b", None)},
+    )
+    pairs = {(j.env_id, j.task, j.agent) for j in ev.plan_jobs(config)}
+    assert pairs == {
+        ("env-a", "t1", "random"),
+        ("env-a", "t2", "random"),
+        ("env-b", "t3", "random"),
+        ("env-a", "t2", "pa.zip"),
+        ("env-b", "t3", "pb.zip"),
+    }
+
+
+def test_policy_of_another_env_exits_2(tmp_path, capsys):
+    from stable_baselines3 import PPO
+
+    env = ToyEnv(image_size=40)
+    model = PPO("MultiInputPolicy", env, n_steps=16, batch_size=16, device="cpu")
+    path = tmp_path / "other.zip"
+    save_policy(model, path, env_id="sonoray/XRayPositioning-v0", task="chest_ap")
+    assert _run("--agent", str(path), "--out", str(tmp_path / "o")) == 2
+    assert "was trained on sonoray/XRayPositioning-v0" in capsys.readouterr().err
