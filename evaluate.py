@@ -5,6 +5,10 @@
     python evaluate.py --shard 0/4 --out run/0   # ... shards 1-3 elsewhere, then:
     python evaluate.py --merge run/0 run/1 run/2 run/3 --out run/all
     python evaluate.py --baseline benchmarks/baseline_scripted.yaml   # exit 1 on regression
+    python evaluate.py --agent agents/policies/xray_chest_ap.zip random --patient-seed 2000
+
+A policy file runs on the env id and task it was trained on (only on its env id when
+``--env``/``--task`` are named), rendering its observations as in training.
 
 Writes ``episodes.jsonl`` (one record per episode, appended as each ends),
 ``summary.json`` (provenance and per env/task/agent results) and ``report.html``.

@@ -42,11 +42,12 @@ def evaluate(policy: Path, config: dict, patients: str, episodes: int, out: Path
         cmd += ["--patient-seed", str(HELD_OUT_PATIENT_SEED), "--n-patients", "8"]
     else:
         cmd += ["--ct", patients]
-    if (out / "episodes.jsonl").exists():
-        cmd.append("--resume")
-    print(" ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    resume = ["--resume"] if (out / "episodes.jsonl").exists() else []
+    print(" ".join(cmd[1:] + resume), flush=True)
+    subprocess.run(cmd + resume, check=True, cwd=ROOT)
     rows = json.loads((out / "summary.json").read_text())["results"]
+    for row in rows:  # name the policy as in the repository, not by this machine's path
+        row["agent"] = row["agent"].replace(str(ROOT) + "/", "")
     by_agent = {("random" if r["agent"] == "random" else "policy"): r for r in rows}
     command = "python " + " ".join(
         str(Path(c).relative_to(ROOT)) if c.startswith(str(ROOT)) else c for c in cmd[1:]

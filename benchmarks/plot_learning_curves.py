@@ -5,7 +5,7 @@
 Each run folder is one written by ``train.py --out``: its ``eval/evaluations.jsonl``
 (evaluations on held-out seeds and patients) gives the curves, its ``config.yaml`` the
 label and, when the run started with imitation, the success rate of each DAgger round's
-rollouts. Give runs that continue one another (``--resume``) in order.
+rollouts. Give a run resumed from another (``--resume``) right after that one.
 """
 
 from __future__ import annotations
@@ -29,15 +29,20 @@ def read_run(run: Path) -> dict:
     )
     notes = (config or {}).get("notes") or {}
     label = f"{config.get('task', run.name)} ({config.get('preset') or 'default'})"
-    return {"label": label, "evals": evals, "rounds": notes.get("imitation_rounds") or []}
+    return {
+        "label": label,
+        "evals": evals,
+        "rounds": notes.get("imitation_rounds") or [],
+        "resumed": bool(notes.get("resumed_from")),
+    }
 
 
 def plot(runs: list[dict], out: Path) -> None:
     """Held-out success and return against all environment steps taken so far: the
     imitation rollouts (DAgger rounds, drawn as crosses with the success of their noisy
     rollouts on training patients) and reinforcement learning (circles, held-out
-    evaluations). Runs given in order continue one another (a run resumed from the
-    previous one's policy), so their imitation steps add up."""
+    evaluations). A run resumed from the previous one's policy continues its curve, its
+    imitation steps adding to the earlier ones; any other run starts at step 0."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,6 +53,8 @@ def plot(runs: list[dict], out: Path) -> None:
     imitation_steps = 0.0  # imitation steps of this and the earlier runs
     for i, run in enumerate(runs):
         colour = colours[i % len(colours)]
+        if not run["resumed"]:
+            imitation_steps = 0.0
         first_rl = run["evals"][0]["timesteps"]
         rounds_x = []
         for r in run["rounds"]:
