@@ -8,6 +8,11 @@ afresh on resume, the step count and the weights continue.
 
 Images stay uint8 in the observation and are scaled to [0, 1] by the policy's
 feature extractor; nothing normalises them with running statistics.
+
+An optional warm start imitates the scripted oracle with DAgger
+(:func:`imitation_warm_start`) before reinforcement learning; its rollout steps are not
+counted in the run's step count. Limitation: the imitation data is kept in memory
+(64 x 64 images: about 4 kB per visited state) and not added to SAC's replay buffer.
 """
 
 from __future__ import annotations
