@@ -322,7 +322,8 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_checkpoint_with_a_malicious_pickle_is_refused_without_running(tmp_path):
+def _malicious_sb3_zip(tmp_path: Path) -> tuple[Path, Path, bytes]:
+    """A stable-baselines3-shaped zip whose pickle would create ``marker`` when loaded."""
     marker = tmp_path / "pwned"
     _Evil.marker = marker
     payload = pickle.dumps(_Evil())
@@ -330,6 +331,11 @@ def test_checkpoint_with_a_malicious_pickle_is_refused_without_running(tmp_path)
     with zipfile.ZipFile(sb3_zip, "w") as z:
         z.writestr("data", json.dumps({"policy_class": {":serialized:": payload.hex()}}))
         z.writestr("policy.pth", payload)
+    return sb3_zip, marker, payload
+
+
+def test_checkpoint_with_a_malicious_pickle_is_refused_without_running(tmp_path):
+    sb3_zip, marker, payload = _malicious_sb3_zip(tmp_path)
     env = ToyEnv()
     with pytest.raises(UnsafeCheckpointError, match="--trusted"):
         load_policy(sb3_zip, env)
@@ -341,13 +347,7 @@ def test_checkpoint_with_a_malicious_pickle_is_refused_without_running(tmp_path)
 
 
 def test_trusted_sb3_zip_needs_env_and_task_named(tmp_path, capsys):
-    marker = tmp_path / "pwned"
-    _Evil.marker = marker
-    payload = pickle.dumps(_Evil())
-    sb3_zip = tmp_path / "model.zip"
-    with zipfile.ZipFile(sb3_zip, "w") as z:
-        z.writestr("data", json.dumps({"policy_class": {":serialized:": payload.hex()}}))
-        z.writestr("policy.pth", payload)
+    sb3_zip, marker, _ = _malicious_sb3_zip(tmp_path)
     argv = ["--agent", str(sb3_zip), "--out", str(tmp_path / "o"), "--trusted"]
     assert evaluate.main(argv) == 2
     assert "name its --env and --task" in capsys.readouterr().err
