@@ -35,6 +35,8 @@ DEFAULT_EPISODES = 2
 DEFAULT_IMAGE_SIZE = 64
 DEFAULT_OUT = "eval_out"
 
+logger = logging.getLogger("evaluate")
+
 
 class UsageError(Exception):
     """Bad command-line usage (exit status 2)."""
@@ -217,18 +219,22 @@ def _check_agents(agents: list[str]) -> tuple[str, ...]:
     return tuple(agents)
 
 
-def _policy_targets(
-    agents: tuple[str, ...], trusted: bool, env_named: bool
-) -> dict[str, tuple[str, str]]:
-    """Per sonoray policy file among ``agents``, the env id and task it was trained on."""
-    from sonoray.agents.policy_io import UnsafeCheckpointError, read_policy_config
+def _policy_configs(agents: tuple[str, ...], trusted: bool, env_named: bool) -> dict[str, dict]:
+    """Per sonoray policy file among ``agents``, its config, after checking that its
+    weights read; a damaged file is a usage error before any env is built."""
+    from sonoray.agents.policy_io import (
+        UnsafeCheckpointError,
+        read_policy_config,
+        read_policy_weights,
+    )
 
-    targets = {}
+    configs = {}
     for agent in agents:
         if agent in ev.BUILTIN_AGENTS:
             continue
         try:
-            config = read_policy_config(agent)
+            configs[agent] = read_policy_config(agent)
+            read_policy_weights(agent)
         except UnsafeCheckpointError as exc:
             if not trusted:
                 raise UsageError(f"--agent {agent!r}: {exc}") from None
@@ -237,11 +243,40 @@ def _policy_targets(
                     f"--agent {agent!r} is not a sonoray policy file and does not say what it "
                     "was trained on: name its --env and --task"
                 ) from None
-            continue
         except ValueError as exc:
             raise UsageError(f"--agent {agent!r}: {exc}") from None
-        targets[agent] = (config["env_id"], config["task"])
-    return targets
+    return configs
+
+
+def _check_policy_settings(configs: dict[str, dict], args: argparse.Namespace, overrides: dict):
+    """Refuse an image size a policy cannot see; warn when its episodes would use its
+    training patients or another start distribution than its training preset."""
+    from sonoray.agents.policy_io import image_size
+
+    for agent, config in configs.items():
+        size = overrides.get(config["env_id"], {}).get("image_size", args.image_size)
+        trained = image_size(config)
+        if trained is not None and trained != size:
+            raise UsageError(
+                f"--agent {agent!r} was trained on {trained} x {trained} images, the env would "
+                f"render {size} x {size}: pass --image-size {trained}"
+            )
+        env_kwargs = config.get("extra", {}).get("env_kwargs", {})
+        if args.ct is None and args.patient_seed is None and "patient_seed" in env_kwargs:
+            logger.warning(
+                "%s was trained on phantoms from seed %s; these episodes use the env's default "
+                "pool (seed 0): pass --patient-seed to test it on patients it never saw",
+                agent,
+                env_kwargs["patient_seed"],
+            )
+        preset = config.get("extra", {}).get("preset")
+        if preset and args.preset != preset:
+            logger.warning(
+                "%s was trained with --preset %s; these episodes use %s",
+                agent,
+                preset,
+                f"--preset {args.preset}" if args.preset else "the env's defaults",
+            )
 
 
 def _presets(env_ids: tuple[str, ...], preset: str | None, path: str | None) -> dict:
@@ -382,7 +417,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     agents = _check_agents(args.agent)
-    targets = _policy_targets(agents, args.trusted, env_named=args.env is not None)
+    configs = _policy_configs(agents, args.trusted, env_named=args.env is not None)
+    targets = {a: (c["env_id"], c["task"]) for a, c in configs.items()}
     env_names, task_names = args.env, args.task
     if env_names is None and targets:  # the policies' own envs and tasks
         env_names = sorted({env for env, _ in targets.values()})
@@ -395,6 +431,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             raise UsageError(
                 f"--agent {agent!r} was trained on {env}, which is not among --env {list(env_ids)}"
             )
+    overrides = _presets(env_ids, args.preset, args.hyperparams)
+    _check_policy_settings(configs, args, overrides)
     device = _device(args.device)
 
     env_kwargs = {"image_size": args.image_size, "device": device}
@@ -417,7 +455,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         episodes=args.episodes,
         seed=args.seed,
         env_kwargs=env_kwargs,
-        env_overrides=_presets(env_ids, args.preset, args.hyperparams),
+        env_overrides=overrides,
         agent_targets={a: (env, task if own_task else None) for a, (env, task) in targets.items()},
         n_envs=args.n_envs,
         shard=shard,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,9 @@ def read_policy_config(path: str | Path) -> dict:
     if not path.is_file():
         raise ValueError(f"policy file {str(path)!r} does not exist")
     if not zipfile.is_zipfile(path):
+        with path.open("rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise ValueError(f"{str(path)!r} is a damaged or truncated zip")
         raise UnsafeCheckpointError(
             f"{str(path)!r} is not a sonoray policy (a zip of config.json and weights.npz); "
             "other checkpoint formats may carry pickled code and are not loaded"
@@ -123,9 +127,12 @@ def read_policy_config(path: str | Path) -> dict:
     with zipfile.ZipFile(path) as z:
         names = set(z.namelist())
         if {"config.json", "weights.npz"} <= names:
-            config = json.loads(z.read("config.json"))
-            if config.get("format") != FORMAT:
-                raise ValueError(f"{str(path)!r}: config format {config.get('format')!r}")
+            try:
+                config = json.loads(z.read("config.json"))
+            except (zipfile.BadZipFile, zlib.error, OSError, ValueError) as exc:
+                raise ValueError(f"{str(path)!r}: config.json is damaged ({exc})") from None
+            if not isinstance(config, dict) or config.get("format") != FORMAT:
+                raise ValueError(f"{str(path)!r}: not a {FORMAT} config")
             return config
         if {"data", "policy.pth"} <= names:
             raise UnsafeCheckpointError(
@@ -135,6 +142,31 @@ def read_policy_config(path: str | Path) -> dict:
     raise ValueError(
         f"{str(path)!r}: zip holds {sorted(names)}, expected config.json + weights.npz"
     )
+
+
+def read_policy_weights(path: str | Path) -> dict[str, np.ndarray]:
+    """The weight arrays of a sonoray policy file, read without unpickling.
+
+    Raises:
+        ValueError: for a file that is not a sonoray policy or whose weights are damaged.
+    """
+    read_policy_config(path)
+    try:
+        with (
+            zipfile.ZipFile(path) as z,
+            np.load(io.BytesIO(z.read("weights.npz")), allow_pickle=False) as npz,
+        ):
+            return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as exc:
+        raise ValueError(
+            f"{str(path)!r}: weights.npz is damaged or not plain arrays ({exc})"
+        ) from None
+
+
+def image_size(config: dict) -> int | None:
+    """Side of the square image a policy config was trained on (None without an image)."""
+    image = config.get("observation_space", {}).get("spaces", {}).get("image")
+    return int(image["shape"][-1]) if image else None
 
 
 def _build_policy(config: dict, env: gym.Env) -> Any:
@@ -189,16 +221,17 @@ def load_policy(path: str | Path, env: gym.Env, *, trusted: bool = False, device
             raise
         return _load_trusted_sb3(path, device)
     policy = _build_policy(config, env)
-    with (
-        zipfile.ZipFile(path) as z,
-        np.load(io.BytesIO(z.read("weights.npz")), allow_pickle=False) as npz,
-    ):
-        state = {k: torch.from_numpy(npz[k]) for k in npz.files}
+    state = {k: torch.from_numpy(v) for k, v in read_policy_weights(path).items()}
     aliases = config.get("aliases") or {}
     if not isinstance(aliases, dict) or not all(v in state for v in aliases.values()):
         raise ValueError(f"{str(path)!r}: aliases {aliases!r} name weights the file lacks")
     state.update({alias: state[key] for alias, key in aliases.items()})
-    policy.load_state_dict(state)
+    try:
+        policy.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{str(path)!r}: weights do not fit the policy its config describes ({exc})"
+        ) from None
     policy.set_training_mode(False)
     return PolicyAgent(policy.to(device), name=str(path))
 

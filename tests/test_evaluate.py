@@ -554,3 +554,40 @@ def test_policy_of_another_env_exits_2(tmp_path, capsys):
     save_policy(model, path, env_id="sonoray/XRayPositioning-v0", task="chest_ap")
     assert _run("--agent", str(path), "--out", str(tmp_path / "o")) == 2
     assert "was trained on sonoray/XRayPositioning-v0" in capsys.readouterr().err
+
+
+def _toy_policy(tmp_path: Path, **extra) -> Path:
+    from stable_baselines3 import PPO
+
+    model = PPO("MultiInputPolicy", ToyEnv(image_size=40), n_steps=16, batch_size=16, device="cpu")
+    path = tmp_path / "toy_policy.zip"
+    save_policy(model, path, env_id=TOY_ID, task="near", extra=extra)
+    return path
+
+
+def test_damaged_policy_files_exit_2_before_any_episode(tmp_path, capsys):
+    path = _toy_policy(tmp_path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        start = z.getinfo("weights.npz").header_offset + 100
+    data[start : start + 200] = bytes(200)  # damage the compressed weights (bad CRC)
+    flipped = tmp_path / "flipped.zip"
+    flipped.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(path.read_bytes()[: len(data) // 2])
+    for bad, message in ((flipped, "weights.npz is damaged"), (truncated, "damaged or truncated")):
+        out = tmp_path / f"o_{bad.stem}"
+        assert _run("--agent", str(bad), "--image-size", "40", "--out", str(out)) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_policy_image_size_mismatch_exits_2_and_training_pool_warns(tmp_path, capsys, caplog):
+    path = _toy_policy(tmp_path, env_kwargs={"patient_seed": 0}, preset="easy")
+    assert _run("--agent", str(path), "--out", str(tmp_path / "o")) == 2  # _run renders 8 px
+    assert "trained on 40 x 40 images" in capsys.readouterr().err
+    with caplog.at_level("WARNING"):
+        argv = ["--agent", str(path), "--image-size", "40", "--episodes", "1"]
+        assert evaluate.main([*argv, "--out", str(tmp_path / "p")]) == 0
+    assert "pass --patient-seed" in caplog.text
+    assert "trained with --preset easy" in caplog.text
