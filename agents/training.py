@@ -210,6 +210,8 @@ def _progress_callback(total: int):
             )
 
         def _on_step(self) -> bool:
+            if self.model.num_timesteps > self.bar.total:  # PPO finishes its last rollout
+                self.bar.total = self.model.num_timesteps
             self.bar.update(self.model.num_timesteps - self.bar.n)
             return True
 

@@ -162,3 +162,25 @@ def test_shipped_hyperparameters_cover_every_env_and_algorithm():
         for algo in ("ppo", "sac"):
             hp = load_hyperparams(DEFAULT_HYPERPARAMS, env_id, algo, "easy")
             assert hp["env_kwargs"]["image_size"] == 64
+
+
+def test_existing_output_folder_is_refused(hyperparams, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("earlier run\n")
+    assert _train(hyperparams, out, ENV_IDS[0]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "earlier run\n"
+
+
+def test_resume_of_a_policy_for_another_env_or_a_damaged_file_is_refused(
+    hyperparams, tmp_path, capsys
+):
+    xray = Path(__file__).parents[1] / "agents" / "policies" / "xray_chest_ap.zip"
+    assert _train(hyperparams, tmp_path / "a", ENV_IDS[1], "--resume", str(xray)) == 2
+    assert f"was trained on {ENV_IDS[0]}, not {ENV_IDS[1]}" in capsys.readouterr().err
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(xray.read_bytes()[:5000])
+    assert _train(hyperparams, tmp_path / "b", ENV_IDS[0], "--resume", str(truncated)) == 2
+    assert "damaged or truncated" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
