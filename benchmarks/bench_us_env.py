@@ -43,7 +43,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from machine_info import describe_machine
-from timing import call_times_s, summary_ms
+from timing import call_times_s, env_step_times_s, step_report
 
 import sonoray.envs  # noqa: F401  (registers the ids)
 from sonoray.agents import evaluation
@@ -67,16 +67,7 @@ def measure_speed(steps: int, image_size: int, threads: int) -> dict:
     inner = env.unwrapped
     rng = np.random.default_rng(0)
     env.reset(seed=0)
-    step_s, render_s, move_s, quality_s, reset_s = [], [], [], [], []
-    episode = 0
-    for _ in range(steps):
-        action = rng.uniform(-1.0, 1.0, 5).astype(np.float32)
-        start = time.perf_counter()
-        _, _, terminated, truncated, _ = env.step(action)
-        step_s.append(time.perf_counter() - start)
-        if terminated or truncated:
-            episode += 1
-            reset_s += call_times_s(lambda: env.reset(seed=episode), 1)  # noqa: B023
+    step_s, reset_s = env_step_times_s(env, steps, rng)
 
     # Peers on the env's final state: the same calls a step makes, one at a time.
     pose = inner.probe_in_patient
@@ -101,19 +92,11 @@ def measure_speed(steps: int, image_size: int, threads: int) -> dict:
     move_s = call_times_s(lambda: inner.arm.move(*(rng.uniform(-1.0, 1.0, 5) * scale)), steps)
     env.close()
 
+    peers = dict(zip(PEERS, (render_s, move_s, quality_s, collisions_s), strict=True))
     result = {
         "setup": f"1 env, {threads} torch thread(s), {image_size} px",
-        "steps_per_s": round(len(step_s) / sum(step_s), 2),
-        "env_step": summary_ms(step_s),
-        "env_reset": summary_ms(reset_s) if reset_s else None,
-        "peer_bmode_render": summary_ms(render_s),
-        "peer_arm_move": summary_ms(move_s),
-        "peer_quality_scores": summary_ms(quality_s),
-        "peer_collision_check": summary_ms(collisions_s),
+        **step_report(step_s, reset_s, peers),
     }
-    step_ms = result["env_step"]["median_ms"]
-    for peer in PEERS:
-        result[peer]["step_over_this"] = round(step_ms / result[peer]["median_ms"], 2)
     return result
 
 
@@ -174,8 +157,8 @@ def measure_success(episodes: dict[str, int], ct: Path | None, seed: int) -> lis
                     seed=seed,
                     env_kwargs=kwargs,
                 )
-                for job in evaluation.plan_jobs(config):
-                    records.append(evaluation.run_episode(job, kwargs, out_dir))
+                jobs = evaluation.plan_jobs(config)
+                evaluation.run_jobs(jobs, config, Path(out_dir), records.append)
             for row in summarize(records):
                 row = {"pool": pool, **{k: v for k, v in row.items() if "dose" not in k}}
                 results.append(row)

@@ -41,7 +41,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from machine_info import describe_machine
-from timing import call_times_s, summary_ms
+from timing import call_times_s, env_step_times_s, step_report
 
 import sonoray.envs  # noqa: F401  (registers the ids)
 from sonoray.agents import evaluation
@@ -65,19 +65,10 @@ def measure_speed(steps: int, image_size: int) -> dict:
     inner = env.unwrapped
     rng = np.random.default_rng(0)
     env.reset(seed=0)
-    step_s, reset_s = [], []
-    episode = 0
     for _ in range(WARM_UP_STEPS):  # first rays along each voxel axis build plane stacks
         if any(env.step(rng.uniform(-1.0, 1.0, 5).astype(np.float32))[2:4]):
             env.reset(seed=1000)
-    for _ in range(steps):
-        action = rng.uniform(-1.0, 1.0, 5).astype(np.float32)
-        start = time.perf_counter()
-        _, _, terminated, truncated, _ = env.step(action)
-        step_s.append(time.perf_counter() - start)
-        if terminated or truncated:
-            episode += 1
-            reset_s += call_times_s(lambda: env.reset(seed=episode), 1)  # noqa: B023
+    step_s, reset_s = env_step_times_s(env, steps, rng)
 
     # Peers on the env's final pose: the calls a step makes, one at a time.
     geometry = inner._geometry()
@@ -109,20 +100,14 @@ def measure_speed(steps: int, image_size: int) -> dict:
     move_s = call_times_s(move, steps)
     env.close()
 
-    result = {
-        "image_size": image_size,
-        "steps_per_s": round(len(step_s) / sum(step_s), 2),
-        "steps_per_s_at_median_step": round(1e3 / summary_ms(step_s)["median_ms"], 2),
-        "env_step": summary_ms(step_s),
-        "env_reset": summary_ms(reset_s) if reset_s else None,
-        "peer_drr_render": summary_ms(render_s),
-        "peer_label_projection": summary_ms(project_s),
-        "peer_quality_scores": summary_ms(quality_s),
-        "peer_carm_move_swept_collisions": summary_ms(move_s),
+    peers = {
+        "peer_drr_render": render_s,
+        "peer_label_projection": project_s,
+        "peer_quality_scores": quality_s,
+        "peer_carm_move_swept_collisions": move_s,
     }
-    step_ms = result["env_step"]["median_ms"]
-    for peer in [k for k in result if k.startswith("peer_")]:
-        result[peer]["step_over_this"] = round(step_ms / result[peer]["median_ms"], 2)
+    result = {"image_size": image_size, **step_report(step_s, reset_s, peers)}
+    result["steps_per_s_at_median_step"] = round(1e3 / result["env_step"]["median_ms"], 2)
     return result
 
 
@@ -135,7 +120,8 @@ def _run(pool: str, kwargs: dict, tasks: tuple, agent: str, episodes: int, seed:
         seed=seed,
         env_kwargs=kwargs,
     )
-    records = [evaluation.run_episode(job, kwargs, out) for job in evaluation.plan_jobs(config)]
+    records = []
+    evaluation.run_jobs(evaluation.plan_jobs(config), config, Path(out), records.append)
     rows = []
     for row in summarize(records):
         row = {"pool": pool, **row}
