@@ -85,31 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_resume(args: argparse.Namespace, task: str, env_kwargs: dict) -> None:
-    """Refuse a --resume policy that is damaged or was trained on another env id,
-    algorithm or image size, before any env is built."""
-    from sonoray.agents.policy_io import image_size, read_policy_config, read_policy_weights
-
-    prior = read_policy_config(args.resume)
-    read_policy_weights(args.resume)
-    if prior["env_id"] != args.env:
-        raise ValueError(
-            f"--resume {args.resume!r} was trained on {prior['env_id']}, not {args.env}"
-        )
-    if prior["algo"] != args.algo:
-        raise ValueError(
-            f"--resume {args.resume!r} is a {prior['algo']} policy, not --algo {args.algo}"
-        )
-    trained, size = image_size(prior), env_kwargs.get("image_size")
-    if trained is not None and size is not None and trained != size:
-        raise ValueError(
-            f"--resume {args.resume!r} was trained on {trained} x {trained} images, the "
-            f"hyperparameters give {size} x {size}"
-        )
-    if prior["task"] != task:
-        print(f"note: continuing a {prior['task']} policy on task {task}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -132,14 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and not Path(args.resume).is_file():
             raise ValueError(f"--resume {args.resume!r} does not exist")
         hp = load_hyperparams(args.hyperparams, args.env, args.algo, args.preset)
-        if args.resume:
-            _check_resume(args, task, hp["env_kwargs"])
-        out = Path(args.out)
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(
-                f"--out {args.out!r} exists and is not empty: choose another folder (a run "
-                "continues from a policy file with --resume into a new one)"
-            )
         config = TrainConfig(
             env_id=args.env,
             task=task,

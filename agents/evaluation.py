@@ -330,8 +330,12 @@ def run_jobs(
 ) -> None:
     """Run ``jobs`` (in ``config.n_envs`` worker processes) and hand each record over."""
     args = [
-        (job, {**config.env_kwargs, **config.env_overrides.get(job.env_id, {})}, str(out_dir))
-        + (config.trusted,)
+        (
+            job,
+            {**config.env_kwargs, **config.env_overrides.get(job.env_id, {})},
+            str(out_dir),
+            config.trusted,
+        )
         for job in jobs
     ]
     if config.n_envs <= 1 or len(jobs) <= 1:

@@ -444,6 +444,42 @@ def _print_round(info: dict) -> None:
     )
 
 
+def check_run(config: TrainConfig, resume: str | None = None) -> dict | None:
+    """Refuse, before anything is built or written, an output folder that holds files
+    (a second run would mix its logs and evaluations into them) and a ``resume`` policy
+    that is damaged or was trained on another env id, algorithm or image size. Returns
+    the resumed policy's config (None without ``resume``)."""
+    from sonoray.agents.policy_io import image_size, read_policy_weights
+
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(
+            f"--out {config.out!r} exists and is not empty: choose another folder (a run "
+            "continues from a policy file with --resume into a new one)"
+        )
+    if resume is None:
+        return None
+    prior = read_policy_config(resume)
+    read_policy_weights(resume)
+    if prior["env_id"] != config.env_id:
+        raise ValueError(
+            f"--resume {resume!r} was trained on {prior['env_id']}, not {config.env_id}"
+        )
+    if prior["algo"] != config.algo:
+        raise ValueError(
+            f"--resume {resume!r} is a {prior['algo']} policy, not --algo {config.algo}"
+        )
+    trained, size = image_size(prior), config.env_kwargs.get("image_size")
+    if trained is not None and size is not None and trained != size:
+        raise ValueError(
+            f"--resume {resume!r} was trained on {trained} x {trained} images, the "
+            f"hyperparameters give {size} x {size}"
+        )
+    if prior["task"] != config.task:
+        logger.warning("continuing a %s policy on task %s", prior["task"], config.task)
+    return prior
+
+
 def train(config: TrainConfig, resume: str | None = None) -> Path:
     """Train, checkpoint and evaluate; return the path of the final policy file.
 
@@ -456,6 +492,7 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
     from stable_baselines3.common.callbacks import CallbackList
 
     started = time.perf_counter()
+    prior = check_run(config, resume)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     env = make_vec_env(config.env_id, config.task, config.n_envs, config.seed, config.env_kwargs)
@@ -475,11 +512,8 @@ def train(config: TrainConfig, resume: str | None = None) -> Path:
         **kwargs,
     )
     notes: dict[str, Any] = {}
-    if resume:
+    if prior is not None:
         notes["resumed_from"] = resume
-        prior = read_policy_config(resume)
-        if prior["algo"] != config.algo:
-            raise ValueError(f"cannot resume a {prior['algo']} policy with --algo {config.algo}")
         from sonoray.agents.policy_io import load_policy
 
         loaded = load_policy(resume, env, device=str(model.device))
